@@ -6,3 +6,5 @@ pub mod espnet;
 pub mod flow;
 pub mod onnx;
 pub mod pth;
+pub mod record;
+pub mod training;

@@ -1,1 +1,68 @@
-fn main() {}
+//! `daain-tools`: offline steps that prepare what the daain-edge runtime loads.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use daain_tools::espnet::Weights;
+use daain_tools::onnx;
+
+#[derive(Debug, Parser)]
+#[command(name = "daain-tools", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Export ESPNet (p=2, q=8, Cityscapes) to ONNX for a 1x3x256x512 input, with the
+    /// logits and the 20 PReLU activations as outputs.
+    ExportOnnx {
+        /// ESPNet weights: a .safetensors file or a PyTorch .pth state dict.
+        #[arg(long)]
+        weights: PathBuf,
+        /// ONNX file to write.
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Train a bundle: generate the mask, record activations of the training clip, train
+    /// the flow, fit the scores, calibrate the threshold and write the bundle directory.
+    BuildBundle {
+        /// Training settings (TOML), for example configs/train-default.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Bundle directory to write.
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::ExportOnnx { weights, output } => export_onnx(&weights, &output),
+        Command::BuildBundle { config, output } => build_bundle(&config, &output),
+    }
+}
+
+fn export_onnx(weights_path: &std::path::Path, output: &std::path::Path) -> Result<()> {
+    let weights = Weights::load(weights_path)?;
+    let op_counts = onnx::export_espnet(&weights, output)
+        .with_context(|| format!("failed to export {} to ONNX", weights_path.display()))?;
+    log::info!("wrote {}", output.display());
+    for (op_type, count) in &op_counts {
+        println!("{op_type}\t{count}");
+    }
+    Ok(())
+}
+
+fn build_bundle(config_path: &std::path::Path, output: &std::path::Path) -> Result<()> {
+    let config = daain_tools::training::TrainingConfig::from_path(config_path)?;
+    let report = daain_tools::training::build_bundle(&config, config_path, output)?;
+    log::info!("wrote bundle {}", output.display());
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

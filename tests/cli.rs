@@ -1,0 +1,142 @@
+//! The `daain` command line on real footage and on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+fn daain(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_daain"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("daain binary runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn json_output_has_one_object_per_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let segmentation = dir.path().join("seg");
+    let output = daain(&[
+        "run",
+        "--video",
+        "data/footage/solidWhiteRight.mp4",
+        "--json",
+        "--max-frames",
+        "3",
+        "--segmentation-out",
+        segmentation.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    for (i, line) in lines.iter().enumerate() {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(value["frame"], i as u64);
+        assert!(value["score"].is_f64(), "{line}");
+        assert!(value["threshold"].is_f64(), "{line}");
+        assert!(value["anomalous"].is_boolean(), "{line}");
+    }
+
+    for i in 0..3 {
+        let path = segmentation.join(format!("{i:06}.png"));
+        let image = image::open(&path).unwrap().to_luma8();
+        assert_eq!(image.dimensions(), (512, 256));
+        assert!(image.pixels().all(|p| p.0[0] < 20), "class index out of range in {}", path.display());
+        // A highway frame: road (class 0) covers a good part of the image.
+        let road = image.pixels().filter(|p| p.0[0] == 0).count();
+        assert!(road > 512 * 256 / 10, "only {road} road pixels in {}", path.display());
+    }
+}
+
+#[test]
+fn missing_video_is_named() {
+    let output = daain(&["run", "--video", "data/footage/no-such-clip.mp4"]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("no-such-clip.mp4"), "{}", stderr(&output));
+}
+
+#[test]
+fn corrupt_video_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("noise.mp4");
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(&path, bytes).unwrap();
+    let output = daain(&["run", "--video", path.to_str().unwrap(), "--json"]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("noise.mp4"), "{message}");
+    assert!(!message.contains("panicked"), "{message}");
+}
+
+#[test]
+fn unknown_config_key_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[detector]\nthreshhold = 3.0\n").unwrap();
+    let output = daain(&[
+        "run",
+        "--video",
+        "data/footage/solidWhiteRight.mp4",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("threshhold"), "{}", stderr(&output));
+}
+
+#[test]
+fn bundle_from_other_model_is_rejected() {
+    // The default bundle with its backbone replaced by a copy whose bytes differ.
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(repo_path("models/default")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let onnx = dir.path().join("backbone.onnx");
+    let mut bytes = std::fs::read(&onnx).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&onnx, bytes).unwrap();
+    let output = daain(&[
+        "run",
+        "--video",
+        "data/footage/solidWhiteRight.mp4",
+        "--bundle",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("backbone.onnx"), "{message}");
+    assert!(message.contains("SHA-256"), "{message}");
+}
+
+#[test]
+fn threshold_override_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("low.toml");
+    std::fs::write(&path, "[detector]\nthreshold = -1e300\n").unwrap();
+    let output = daain(&[
+        "run",
+        "--video",
+        "data/footage/solidWhiteRight.mp4",
+        "--config",
+        path.to_str().unwrap(),
+        "--json",
+        "--max-frames",
+        "1",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let value: serde_json::Value =
+        serde_json::from_str(String::from_utf8(output.stdout).unwrap().trim()).unwrap();
+    assert_eq!(value["threshold"], -1e300);
+    assert_eq!(value["anomalous"], true);
+}

@@ -1,0 +1,85 @@
+//! The shipped default bundle on real footage: held-out frames of the training clip score
+//! mostly below the threshold, and the same frames flipped upside down or fogged mostly
+//! above.
+
+use std::path::{Path, PathBuf};
+
+use daain::bundle::Bundle;
+use daain::pipeline::Detector;
+use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// Frame indices the bundle's training left out as test frames.
+fn test_frames(bundle: &Bundle) -> Vec<u64> {
+    let frames = &bundle.manifest().training["test_frames"];
+    serde_json::from_value(frames.clone()).expect("manifest lists training.test_frames")
+}
+
+fn read_frames(indices: &[u64]) -> Vec<Frame> {
+    let spec = SourceSpec::Video(repo_path("data/footage/solidWhiteRight.mp4"));
+    let mut source = open_source(&spec, &SourceOptions::default()).unwrap();
+    let mut frames = Vec::new();
+    let mut frame = Frame::new();
+    while source.next_frame(&mut frame).unwrap() {
+        if indices.contains(&frame.index) {
+            frames.push(frame.clone());
+        }
+    }
+    assert_eq!(frames.len(), indices.len(), "not every test frame was decoded");
+    frames
+}
+
+fn vertical_flip(frame: &Frame) -> Frame {
+    let mut out = frame.clone();
+    let stride = frame.width * 3;
+    for y in 0..frame.height {
+        let target = (frame.height - 1 - y) * stride;
+        out.data[target..target + stride].copy_from_slice(&frame.data[y * stride..(y + 1) * stride]);
+    }
+    out
+}
+
+/// Blends the frame halfway towards light grey, a dense uniform fog.
+fn fog(frame: &Frame) -> Frame {
+    let mut out = frame.clone();
+    for value in out.data.iter_mut() {
+        *value = ((*value as f32) * 0.5 + 220.0 * 0.5).round() as u8;
+    }
+    out
+}
+
+fn fraction_above(detector: &mut Detector<'_>, frames: &[Frame]) -> f64 {
+    let threshold = detector.threshold();
+    let kind = detector.score_kind();
+    let mut above = 0;
+    for frame in frames {
+        let (scores, _) = detector.score_frame(frame, false).unwrap();
+        if scores.get(kind) > threshold {
+            above += 1;
+        }
+    }
+    above as f64 / frames.len() as f64
+}
+
+#[test]
+fn default_bundle_separates_clean_from_perturbed() {
+    let bundle = Bundle::open(&repo_path("models/default")).unwrap();
+    let mut detector = Detector::new(&bundle, None).unwrap();
+    let indices = test_frames(&bundle);
+    assert!(indices.len() >= 20, "only {} held-out frames", indices.len());
+    let clean = read_frames(&indices);
+
+    let clean_above = fraction_above(&mut detector, &clean);
+    let flipped: Vec<Frame> = clean.iter().map(vertical_flip).collect();
+    let flipped_above = fraction_above(&mut detector, &flipped);
+    let fogged: Vec<Frame> = clean.iter().map(fog).collect();
+    let fogged_above = fraction_above(&mut detector, &fogged);
+    eprintln!("above threshold: clean {clean_above:.2}, flipped {flipped_above:.2}, fogged {fogged_above:.2}");
+
+    assert!(clean_above <= 0.25, "{clean_above} of clean held-out frames above the threshold");
+    assert!(flipped_above >= 0.75, "only {flipped_above} of flipped frames above the threshold");
+    assert!(fogged_above >= 0.75, "only {fogged_above} of fogged frames above the threshold");
+}
