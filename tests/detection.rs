@@ -57,6 +57,7 @@ fn fraction_above(detector: &mut Detector<'_>, frames: &[Frame]) -> f64 {
     let mut above = 0;
     for frame in frames {
         let (scores, _) = detector.score_frame(frame, false).unwrap();
+        eprintln!("frame {:4}: {scores:?}", frame.index);
         if scores.get(kind) > threshold {
             above += 1;
         }

@@ -1,5 +1,5 @@
 //! Frame sources on real footage: the shipped clips and stills under data/footage and the
-//! small recordings under tests/data/sources (tests/data/README.md says how each was made).
+//! small recordings under tests/data/sources (tests/data/README.md gives the command that made each).
 //! Reference images are the FFmpeg 5.1 command-line tool's own RGB24 decode of the same
 //! frame, so these tests compare the Rust decode path against FFmpeg itself.
 

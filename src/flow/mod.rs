@@ -231,6 +231,19 @@ impl<'a> Block<'a> {
         &self.permutation
     }
 
+    /// Returns the block's parameters, borrowed from the block.
+    pub fn params(&self) -> BlockParams<'_> {
+        BlockParams {
+            permutation: &self.permutation,
+            global_scale: &self.global_scale,
+            global_offset: &self.global_offset,
+            subnet_0_weight: &self.subnet_0_weight,
+            subnet_0_bias: &self.subnet_0_bias,
+            subnet_2_weight: &self.subnet_2_weight,
+            subnet_2_bias: &self.subnet_2_bias,
+        }
+    }
+
     /// Activated global scale `0.1 * softplus_{beta = 0.5}(global_scale)`.
     pub fn scale(&self) -> &[f64] {
         &self.scale_f64
@@ -824,6 +837,7 @@ mod tests {
             .unwrap();
         let owned: Flow<'static> = borrowed.clone().into_owned();
         drop(block);
+        assert_eq!(owned.blocks()[0].params().permutation, [2, 0, 4, 1, 3]);
         let mut z_owned = [0.0f32; 5];
         assert_eq!(
             owned

@@ -118,6 +118,7 @@ impl CaptureConverter {
 }
 
 /// Checks that a request can be negotiated at all, before the device is touched.
+#[cfg_attr(not(feature = "camera"), allow(dead_code))]
 pub(crate) fn check_request(
     path: &Path,
     request: &CameraRequest,
@@ -152,6 +153,7 @@ mod device {
     use std::time::Duration;
 
     use v4l::buffer::{Flags, Type};
+    use v4l::format::quantization::Quantization;
     use v4l::io::mmap::Stream;
     use v4l::io::traits::CaptureStream;
     use v4l::video::capture::Parameters;
@@ -238,6 +240,15 @@ mod device {
                 .map_err(camera_error("setting the format"))?;
             if granted.fourcc != format.fourcc {
                 return Err(format_error());
+            }
+            if pixel_format == CameraPixelFormat::Yuyv
+                && matches!(granted.quantization, Quantization::FullRange)
+            {
+                log::warn!(
+                    "camera {} reports full-range YUYV, but the conversion assumes limited \
+                     range (16..=235), so frames get too much contrast; request MJPEG instead",
+                    path.display()
+                );
             }
             if (granted.width, granted.height) != (request.width, request.height) {
                 log::warn!(

@@ -1,10 +1,12 @@
 //! Pixel conversions of camera formats into packed RGB24.
 //!
 //! YUYV (YUY2, packed 4:2:2: `Y0 U Y1 V` for each pair of pixels) uses the ITU-R BT.601
-//! matrix with limited range (Y in 16..=235, U and V in 16..=240), which is what V4L2 webcams
-//! send and what FFmpeg assumes for untagged `yuyv422`. Both pixels of a pair share the pair's
-//! U and V, as in FFmpeg's swscale without `full_chroma_int`. MJPEG frames are JPEG images
-//! decoded by the `image` crate.
+//! matrix with limited range (Y in 16..=235, U and V in 16..=240), as FFmpeg assumes for
+//! untagged `yuyv422`. Both pixels of a pair share the pair's U and V, without chroma
+//! interpolation. MJPEG frames are JPEG images decoded by the `image` crate.
+//!
+//! NOTE: a camera that sends full-range YUYV gets too much contrast from this conversion.
+//! `Camera` logs a warning when the driver reports full range.
 
 use image::codecs::jpeg::JpegDecoder;
 use image::{ColorType, DynamicImage, ImageDecoder};
@@ -118,8 +120,8 @@ pub fn yuyv_to_rgb24(
 /// and height.
 ///
 /// Many USB cameras send MJPEG frames without Huffman tables and rely on the default tables
-/// of the JPEG standard (ITU-T T.81 Annex K.3), as the AVI MJPEG format (OpenDML) allows.
-/// Such frames get those tables inserted before decoding.
+/// of the JPEG standard (ITU-T T.81 Annex K.3). Such frames get those tables inserted
+/// before decoding.
 pub fn mjpeg_to_rgb24(jpeg: &[u8], rgb: &mut Vec<u8>) -> Result<(usize, usize), ConvertError> {
     let patched = with_default_huffman_tables(jpeg);
     let data = patched.as_deref().unwrap_or(jpeg);
@@ -141,7 +143,7 @@ pub fn mjpeg_to_rgb24(jpeg: &[u8], rgb: &mut Vec<u8>) -> Result<(usize, usize), 
 }
 
 /// Segment with the four default Huffman tables of ITU-T T.81 Annex K.3 (tables K.3 to K.6),
-/// as FFmpeg and the OpenDML AVI specification give it for MJPEG.
+/// with the table bytes as zune-jpeg 0.5 lists them in `fill_default_mjpeg_tables`.
 const DEFAULT_HUFFMAN_SEGMENT: &[u8] = &[
     0xFF, 0xC4, 0x01, 0xA2, // DHT marker, segment length 418
     // Table K.3: DC, luminance (class 0, id 0).

@@ -1,8 +1,9 @@
 //! Frame sources: video files, still images, V4L2 cameras and raw YUYV recordings.
 //!
 //! Every source implements [`FrameSource`] and writes packed RGB24 pixels at the input's
-//! native resolution into a caller-owned [`Frame`], so a steady stream of equally sized
-//! frames allocates nothing after the first. [`open_path`] and [`open_source`] pick the
+//! native resolution into a caller-owned [`Frame`], whose pixel buffer is reused from frame
+//! to frame. Video and YUYV frames are converted in place. JPEG and PNG decoding (stills,
+//! MJPEG) still allocates inside the `image` crate for every frame. [`open_path`] and [`open_source`] pick the
 //! source from a path:
 //!
 //! - `/dev/videoN` or another video4linux character device, such as a link under
@@ -11,8 +12,8 @@
 //! - a `.jpg`, `.jpeg` or `.png` file, or a list of them: [`ImageSequence`],
 //! - any other file: a video file decoded by FFmpeg ([`VideoFile`], feature `ffmpeg`).
 //!
-//! [`RawFrames`] replays a raw YUYV recording through the same conversion as the camera;
-//! it is opened directly because a raw file carries no frame size or rate.
+//! [`RawFrames`] replays a raw YUYV recording through the same conversion as the camera.
+//! It is opened directly because a raw file carries no frame size or rate.
 
 pub mod camera;
 pub mod convert;
@@ -45,8 +46,8 @@ pub struct Frame {
     pub width: usize,
     /// Height in pixels.
     pub height: usize,
-    /// `width * height * 3` bytes, R, G, B per pixel. Sources reuse this buffer between
-    /// frames and only grow it.
+    /// `width * height * 3` bytes, R, G, B per pixel. Sources write into this buffer in place
+    /// or swap it with a spare buffer of their own, so its allocation is reused.
     pub data: Vec<u8>,
 }
 
@@ -136,7 +137,10 @@ pub enum SourceError {
     #[error("{path} contains no video stream; pass a file with a video track")]
     NoVideoStream { path: PathBuf },
 
-    #[error("{path}: no FFmpeg decoder for video codec {codec} ({reason})")]
+    #[error(
+        "{path}: no FFmpeg decoder for video codec {codec} ({reason}); \
+         re-encode the file to a common codec such as H.264"
+    )]
     UnsupportedCodec {
         path: PathBuf,
         codec: String,

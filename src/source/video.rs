@@ -2,8 +2,8 @@
 //!
 //! The source reads the best video stream of the container and skips all other streams.
 //! It decodes with FFmpeg's send/receive API, so frames come out in presentation order
-//! even when the stream has B-frames, and it drains the decoder at the end of the file so
-//! that the frames it holds back for reordering are delivered too. swscale converts each
+//! even when the stream has B-frames. At the end of the file it drains the decoder, which
+//! delivers the frames held back for reordering. swscale converts each
 //! frame to RGB24 at its native size, with the YCbCr matrix and range the frame is tagged
 //! with (BT.601 limited range when untagged), as the FFmpeg command-line tool does.
 
@@ -44,6 +44,8 @@ pub struct VideoFile {
     last_timestamp: Option<Duration>,
     /// Frames FFmpeg decoded with concealed errors.
     damaged_frames: u64,
+    /// Decoding errors since the last delivered frame.
+    consecutive_errors: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,9 +64,9 @@ struct Scaler {
     key: ScalerKey,
 }
 
-// SAFETY: an SwsContext holds no thread-local state and no reference to other threads;
+// SAFETY: an SwsContext holds no thread-local state and no reference to other threads.
 // `VideoFile` owns it exclusively and uses it only through `&mut self`, so moving it to
-// another thread is sound. ffmpeg-next leaves `Send` off only because it wraps a raw pointer.
+// another thread is sound. ffmpeg-next leaves `Send` off because it wraps a raw pointer.
 unsafe impl Send for Scaler {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,12 +78,17 @@ struct ScalerKey {
     color_range: ffmpeg::color::Range,
 }
 
+/// Consecutive decoding errors, with no frame in between, after which the stream ends.
+/// A decoder that fails on every call would otherwise make a caller that retries after
+/// errors loop forever.
+const MAX_CONSECUTIVE_ERRORS: u32 = 100;
+
 static FFMPEG_INIT: Once = Once::new();
 
 fn init_ffmpeg() {
     FFMPEG_INIT.call_once(|| {
-        // ffmpeg::init only registers devices on FFmpeg 5 and later, which cannot fail in a
-        // way that matters for file input, so an error is only logged.
+        // ffmpeg-next 9's init always returns Ok. A later version's error would not stop
+        // file input, which needs no registration since FFmpeg 5, so it is only logged.
         if let Err(error) = ffmpeg::init() {
             log::warn!("FFmpeg initialisation failed: {error}");
         }
@@ -163,6 +170,7 @@ impl VideoFile {
             next_index: 0,
             last_timestamp: None,
             damaged_frames: 0,
+            consecutive_errors: 0,
         })
     }
 
@@ -177,6 +185,28 @@ impl VideoFile {
             frame_index: self.next_index,
             reason,
         }
+    }
+
+    /// Counts a decoding error. Too many in a row end the stream: the decoder is drained
+    /// so that the frames it contains are still delivered, and a further error stops it.
+    fn count_error(&mut self, reason: String) -> SourceError {
+        self.consecutive_errors += 1;
+        if self.consecutive_errors >= MAX_CONSECUTIVE_ERRORS {
+            if self.state == DecodeState::Reading {
+                log::error!(
+                    "{}: {MAX_CONSECUTIVE_ERRORS} decoding errors in a row after frame {}; \
+                     ending the stream",
+                    self.path.display(),
+                    self.next_index
+                );
+                if self.start_draining().is_err() {
+                    self.state = DecodeState::Finished;
+                }
+            } else {
+                self.state = DecodeState::Finished;
+            }
+        }
+        self.decode_error(reason)
     }
 
     /// Reads one packet and sends it to the decoder when it belongs to the video stream.
@@ -215,7 +245,7 @@ impl VideoFile {
                 self.pending_packet = Some(packet);
                 Ok(())
             }
-            Err(error) => Err(self.decode_error(format!("invalid packet: {error}"))),
+            Err(error) => Err(self.count_error(format!("invalid packet: {error}"))),
         }
     }
 
@@ -271,6 +301,7 @@ impl VideoFile {
         }
         frame.index = self.next_index;
         frame.timestamp = timestamp;
+        self.consecutive_errors = 0;
         self.last_timestamp = Some(timestamp);
         self.next_index += 1;
         Ok(())
@@ -349,8 +380,8 @@ impl VideoFile {
 
         let full_range_input = key.color_range == ffmpeg::color::Range::JPEG;
         // SAFETY: the context pointer comes from a successful sws_getContext and is owned by
-        // `context`; sws_getCoefficients returns a pointer to a static table of four ints for
-        // any argument. sws_setColorspaceDetails copies the tables it is given.
+        // `context`. sws_getCoefficients returns a pointer to a static table of four ints for
+        // any argument, and sws_setColorspaceDetails copies the tables it is given.
         let status = unsafe {
             let coefficients = ffmpeg::ffi::sws_getCoefficients(ffmpeg::ffi::AVColorSpace::from(
                 key.color_space,
@@ -413,7 +444,7 @@ impl FrameSource for VideoFile {
                 }
                 Err(ffmpeg::Error::Other { errno }) if errno == EAGAIN => {}
                 Err(ffmpeg::Error::Eof) => return self.finish(),
-                Err(error) => return Err(self.decode_error(error.to_string())),
+                Err(error) => return Err(self.count_error(error.to_string())),
             }
             match self.state {
                 DecodeState::Reading => self.feed_decoder()?,

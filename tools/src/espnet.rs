@@ -151,7 +151,7 @@ impl Weights {
     /// Returns the tensor `name`, checking that it has `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<&HostTensor> {
         let tensor = self.tensors.get(name).ok_or_else(|| {
-            anyhow!("weight `{name}` not found; is this an ESPNet p=2 q=8 state dict?")
+            anyhow!("weight `{name}` not found; check that the file is an ESPNet p=2 q=8 state dict")
         })?;
         ensure!(
             tensor.shape == shape,
@@ -406,9 +406,9 @@ impl Layers {
             encoder: Encoder::new(&root / "encoder"),
             level3_c: conv(&root / "level3_C" / "conv", 128 + 3, classes, 1, 1, 1),
             br: batch_norm(&root / "br", classes),
-            // Upstream `Model.py` declares `CBR(16 + classes, ...)` and concatenates the
-            // upsampled decoder output with `encoder.level1`'s 16 channels (not with the 19
-            // of `encoder.b1`); the released weights have 36 input channels accordingly.
+            // Upstream `Model.py` declares `CBR(16 + classes, ...)`, because it concatenates
+            // the upsampled decoder output with the 16 channels of `encoder.level1`, not the
+            // 19 of `encoder.b1`. The released weights have 36 input channels accordingly.
             conv: Cbr::new(&root / "conv", 16 + classes, classes, 3, 1),
             up_l3: up_conv(&root / "up_l3" / 0, classes),
             combine_l2_l3_br: Br::new(&combine / 0, 2 * classes),
@@ -575,6 +575,24 @@ mod tests {
     fn tap_channels_sum() {
         let total: usize = TAPS.iter().map(|(_, channels)| channels).sum();
         assert_eq!(total, 16 + 19 + 64 * 3 + 131 + 128 * 9 + 256 + 40 + 20 * 3);
+    }
+
+    #[test]
+    fn forward_is_differentiable_in_input() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/espnet/espnet_p_2_q_8.safetensors");
+        let model = Espnet::load(&path).unwrap();
+        let input =
+            Tensor::zeros([1, 3, 64, 64], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let logits = model.forward(&input).unwrap();
+        assert_eq!(logits.size(), [1, 20, 64, 64]);
+        logits.sum(Kind::Float).backward();
+        let gradient = input.grad();
+        assert!(gradient.defined(), "no gradient reached the input");
+        assert!(gradient.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        for (name, variable) in model.var_store().variables() {
+            assert!(!variable.requires_grad(), "weight {name} is not frozen");
+        }
     }
 
     #[test]

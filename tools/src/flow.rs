@@ -145,10 +145,10 @@ pub struct TchFlow {
 }
 
 impl TchFlow {
-    /// Creates a flow initialised like FrEIA: activated global scale 1, offset 0, a random
-    /// permutation per block, PyTorch's default Linear init for the first subnet layer and a
-    /// 100 times smaller one for the last layer, so the untrained flow is near the identity.
-    /// All randomness comes from `seed`.
+    /// Creates a flow initialised like FrEIA, with activated global scale 1, offset 0 and a
+    /// random permutation per block. The first subnet layer gets PyTorch's default Linear
+    /// init and the last layer one 100 times smaller, so the untrained flow is near the
+    /// identity. All randomness comes from `seed`.
     pub fn new(config: FlowConfig, device: Device, seed: u64) -> Result<Self> {
         config.validate()?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -256,6 +256,8 @@ impl TchFlow {
 
     /// Maps `x` (`[n, dim]`) to `z` (`[n, dim]`) and returns `(z, log|det J|)` with the
     /// log-determinant `[n]`, in the store's precision.
+    // `+=` on a tch Tensor adds in place, which would overwrite values autograd keeps.
+    #[allow(clippy::assign_op_pattern)]
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         let size = x.size();
         ensure!(

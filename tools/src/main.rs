@@ -27,6 +27,19 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Convert a FrEIA `SequenceINN` of `AllInOneBlock`s (state dict saved as safetensors,
+    /// keys `module_list.K.*` with or without a prefix) into a bundle flow file.
+    ImportFreia {
+        /// FrEIA state dict as safetensors.
+        #[arg(long)]
+        input: PathBuf,
+        /// The blocks' `affine_clamping` (FrEIA's default is 2.0).
+        #[arg(long, default_value_t = 2.0)]
+        clamp: f64,
+        /// Flow file to write (bundle layout).
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Train a bundle: generate the mask, record activations of the training clip, train
     /// the flow, fit the scores, calibrate the threshold and write the bundle directory.
     BuildBundle {
@@ -45,6 +58,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::ExportOnnx { weights, output } => export_onnx(&weights, &output),
         Command::BuildBundle { config, output } => build_bundle(&config, &output),
+        Command::ImportFreia { input, clamp, output } => import_freia(&input, clamp, &output),
     }
 }
 
@@ -64,5 +78,20 @@ fn build_bundle(config_path: &std::path::Path, output: &std::path::Path) -> Resu
     let report = daain_tools::training::build_bundle(&config, config_path, output)?;
     log::info!("wrote bundle {}", output.display());
     println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn import_freia(input: &std::path::Path, clamp: f64, output: &std::path::Path) -> Result<()> {
+    let flow = daain_tools::flow::TchFlow::import_freia_safetensors(input, clamp, tch::Device::Cpu)
+        .with_context(|| format!("failed to import FrEIA flow {}", input.display()))?;
+    flow.write_safetensors(output)?;
+    let config = flow.config();
+    log::info!(
+        "wrote {}: {} blocks, dim {}, hidden {}",
+        output.display(),
+        config.blocks,
+        config.dim,
+        config.hidden
+    );
     Ok(())
 }

@@ -7,7 +7,7 @@
 //!   protocol version 1001, a dict with system information (byte order, type sizes), the
 //!   object itself, and the sorted list of storage keys. The storages follow, each as a
 //!   little-endian u64 element count and the raw element bytes, in the order of that list.
-//! - The zip layout (PyTorch 1.6 and later): `<prefix>/data.pkl` holds the object, and each
+//! - The zip layout (PyTorch 1.6 and later): `<prefix>/data.pkl` contains the object, and each
 //!   storage is the raw file `<prefix>/data/<key>`.
 //!
 //! In both, a tensor is pickled as a call to `torch._utils._rebuild_tensor_v2(storage,
@@ -495,7 +495,7 @@ fn copy_tensor(tensor: &TensorRef, storage: &[u8]) -> Result<PthTensor> {
     })
 }
 
-/// Which persistent id form the pickle uses for storages.
+/// Form of the persistent ids that name storages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PersistentLayout {
     /// `('storage', type, key, location, numel, view_metadata)` with optional view metadata.
@@ -536,7 +536,7 @@ impl Global {
 }
 
 /// A value on the pickle machine's stack. Lists and dicts are shared, as in Python, so that
-/// a memoized container sees later appends.
+/// a memoized container includes later appends.
 #[derive(Debug, Clone)]
 enum Value {
     None,
@@ -634,7 +634,7 @@ struct Unpickler<'a> {
     /// Stack lengths at each MARK.
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
-    /// How persistent ids are decoded, or `None` when the pickle must not contain any.
+    /// Form of the persistent ids, or `None` when the pickle must not contain any.
     layout: Option<PersistentLayout>,
 }
 
@@ -1140,6 +1140,8 @@ impl<'a> Unpickler<'a> {
         let numel = fields[4].as_usize().context("storage size")?;
         let view = match fields.get(5) {
             None | Some(Value::None) => None,
+            // NOTE: no test file has a legacy view (a tensor saved as a view of a larger
+            // storage), so this branch is checked only by reading.
             Some(Value::Tuple(view)) => {
                 ensure!(
                     view.len() == 3,

@@ -94,7 +94,7 @@ fn zip_views_are_copied_out() {
 }
 
 #[test]
-fn zip_int64_scalar_is_read_but_not_as_f32() {
+fn zip_int64_scalar_rejects_f32() {
     let state_dict = pth::load(&fixture_path("views_zip.pth")).unwrap();
     let steps = state_dict.get("steps").unwrap();
     assert_eq!(steps.dtype, DType::I64);

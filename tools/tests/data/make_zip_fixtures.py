@@ -94,7 +94,8 @@ class LegacyUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         tag, storage_type, key, location, numel, view_metadata = pid
-        assert tag == "storage" and view_metadata is None, pid
+        assert tag == "storage", pid
+        assert view_metadata is None, pid
         return self.storages.setdefault(key, Storage(storage_type, numel))
 
 
