@@ -152,7 +152,7 @@ fn run(args: RunArgs) -> Result<()> {
     let mut on_frame = |outcome: &FrameOutcome, classes: Option<&[u8]>| -> Result<()> {
         if let (Some(dir), Some(classes)) = (&args.segmentation_out, classes) {
             let path = dir.join(format!("{:06}.png", outcome.frame));
-            daain::pipeline::write_class_png(&path, classes, detector_size(outcome))?;
+            daain::pipeline::write_class_png(&path, classes, outcome.segmentation_size)?;
         }
         if args.json {
             serde_json::to_writer(&mut out, outcome)?;
@@ -186,10 +186,6 @@ fn run(args: RunArgs) -> Result<()> {
         bail!("source failed after {} frames: {error}", summary.frames);
     }
     Ok(())
-}
-
-fn detector_size(outcome: &FrameOutcome) -> (usize, usize) {
-    outcome.segmentation_size
 }
 
 fn log_alert(alert: &Alert) {

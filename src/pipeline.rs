@@ -1,6 +1,6 @@
 //! The frame loop: wires source, preprocessing, backbone, sampling, flow, score and
-//! alerts together. Stages know nothing of each other; this module owns the buffers that
-//! pass between them, allocated once when the detector is built.
+//! alerts together. The stages know nothing of each other. This module owns the buffers
+//! that pass between them, allocated once when the detector is built.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use crate::flow::{Flow, FlowError, FlowScratch};
 use crate::preprocess::{PreprocessError, Preprocessor};
 use crate::sampling::{GatherPlan, SamplingError};
 use crate::score::{Hbos, Mahalanobis, ScoreError, ScoreKind};
-use crate::source::{Frame, FrameSource, SourceError};
+use crate::source::{Frame, FrameSource};
 
 /// Error while building the detector or scoring a frame.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +88,7 @@ pub struct FrameOutcome {
     pub level: AlertLevel,
     pub scores: Option<Scores>,
     pub timings: StageTimings,
-    /// Why the frame could not be scored.
+    /// Cause of the failure when the frame could not be scored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Size of the segmentation map, (height, width).
@@ -341,7 +341,7 @@ pub fn run(
             Ok(false) => break,
             Err(error) => {
                 log::error!("source {} failed: {error}", source.describe());
-                summary.source_error = Some(source_error_text(&error));
+                summary.source_error = Some(error.to_string());
                 break;
             }
         }
@@ -391,10 +391,6 @@ pub fn run(
         on_frame(&outcome, classes)?;
     }
     Ok(summary)
-}
-
-fn source_error_text(error: &SourceError) -> String {
-    error.to_string()
 }
 
 /// Writes a class map as an 8-bit greyscale PNG whose pixel values are class indices.

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use daain_tools::espnet::Weights;
 use daain_tools::onnx;
+use daain_tools::training::{self, TrainingConfig};
 
 #[derive(Debug, Parser)]
 #[command(name = "daain-tools", version, about)]
@@ -40,7 +41,41 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
-    /// Train a bundle: generate the mask, record activations of the training clip, train
+    /// Generate the mask and record the activation vectors of the training clip.
+    Record {
+        /// Training settings (TOML), for example configs/train-default.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Activations file to write (safetensors).
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Train the flow on recorded activations by maximum likelihood.
+    Train {
+        #[arg(long)]
+        config: PathBuf,
+        /// Activations file written by `record`.
+        #[arg(long)]
+        activations: PathBuf,
+        /// Flow file to write (bundle layout).
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Fit the scores, calibrate the threshold and write the bundle directory.
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+        /// Activations file written by `record`.
+        #[arg(long)]
+        activations: PathBuf,
+        /// Flow file written by `train` (or `import-freia`).
+        #[arg(long)]
+        flow: PathBuf,
+        /// Bundle directory to write.
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Train a bundle in one go (record, train and export): generate the mask, record activations of the training clip, train
     /// the flow, fit the scores, calibrate the threshold and write the bundle directory.
     BuildBundle {
         /// Training settings (TOML), for example configs/train-default.toml.
@@ -58,6 +93,29 @@ fn main() -> Result<()> {
     match cli.command {
         Command::ExportOnnx { weights, output } => export_onnx(&weights, &output),
         Command::BuildBundle { config, output } => build_bundle(&config, &output),
+        Command::Record { config, output } => {
+            let settings = TrainingConfig::from_path(&config)?;
+            training::record_activations(&settings)?.write(&output)?;
+            log::info!("wrote activations {}", output.display());
+            Ok(())
+        }
+        Command::Train { config, activations, output } => {
+            let settings = TrainingConfig::from_path(&config)?;
+            let activations = training::Activations::read(&activations)?;
+            let (flow, _) = training::train_flow(&settings, &activations)?;
+            flow.write_safetensors(&output)?;
+            log::info!("wrote flow {}", output.display());
+            Ok(())
+        }
+        Command::Export { config, activations, flow, output } => {
+            let settings = TrainingConfig::from_path(&config)?;
+            let activations = training::Activations::read(&activations)?;
+            let flow = daain_tools::flow::TchFlow::read_safetensors(&flow, tch::Device::Cpu)?;
+            let report = training::export_bundle(&settings, &config, &activations, &flow, &output)?;
+            log::info!("wrote bundle {}", output.display());
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Command::ImportFreia { input, clamp, output } => import_freia(&input, clamp, &output),
     }
 }

@@ -7,12 +7,13 @@
 //! neighbouring frames, which are nearly identical, in the same role, so calibration and
 //! test frames are never direct neighbours of training frames except at chunk borders.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -21,7 +22,7 @@ use daain::bundle::{
     MaskManifest, ScoreManifest, ThresholdManifest, FORMAT, FORMAT_VERSION, MANIFEST_FILE,
 };
 use daain::preprocess::InputConvention;
-use daain::sampling::{poisson_disc, sampling_extent, GatherPlan};
+use daain::sampling::{poisson_disc, sampling_extent, GatherPlan, TapShape};
 use daain::score::{Hbos, Mahalanobis, ScoreKind};
 use daain::source::Frame;
 
@@ -65,6 +66,9 @@ pub struct DataConfig {
     /// Tapped tensors; empty means every PReLU output of ESPNet.
     #[serde(default)]
     pub taps: Vec<String>,
+    /// Uses only the first frames of the clip when set.
+    #[serde(default)]
+    pub max_frames: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -295,11 +299,19 @@ fn tensor_bytes<T: bytemuck::Pod>(values: &[T]) -> Vec<u8> {
 
 /// Writes named tensors as a safetensors file (little-endian).
 pub fn write_safetensors(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) -> Result<()> {
+    write_safetensors_with_metadata(path, tensors, None)
+}
+
+fn write_safetensors_with_metadata(
+    path: &Path,
+    tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(name, dtype, shape, bytes)| Ok((name.to_string(), TensorView::new(*dtype, shape.clone(), bytes)?)))
         .collect::<Result<_>>()?;
-    safetensors::serialize_to_file(views, &None, path)
+    safetensors::serialize_to_file(views, &metadata, path)
         .with_context(|| format!("failed to write {}", path.display()))
 }
 
@@ -315,15 +327,102 @@ pub struct BuildReport {
     pub train_vectors: usize,
     pub calibration_frames: usize,
     pub test_frames: usize,
-    pub final_loss: f64,
+    /// Mean negative log-likelihood per dimension of the training vectors after training,
+    /// in nats.
+    pub train_loss: f64,
     pub threshold: f64,
     /// Fraction of held-out test frames above the threshold, per score kind.
     pub test_above_threshold: BTreeMap<String, f64>,
 }
 
-/// Runs the whole build and writes the bundle into `output`.
-pub fn build_bundle(config: &TrainingConfig, config_path: &Path, output: &Path) -> Result<BuildReport> {
-    tch::manual_seed(config.flow.seed as i64);
+/// Everything `record` produces: the mask, the tap shapes and the activation vectors.
+pub struct Activations {
+    pub taps: Vec<TapShape>,
+    pub points: Vec<[u32; 3]>,
+    pub recording: Recording,
+}
+
+const TAPS_METADATA_KEY: &str = "taps";
+
+impl Activations {
+    /// Writes the activations as safetensors: `points` U32 [n, 3], `train`, `calibration`
+    /// and `test` F32 [rows, dim], their frame indices as U64, and the tap shapes as JSON
+    /// in the header metadata under `taps`.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let r = &self.recording;
+        let dim = r.dim;
+        let flat_points: Vec<u32> = self.points.iter().flatten().copied().collect();
+        let tensors = [
+            ("points", Dtype::U32, vec![self.points.len(), 3], tensor_bytes(&flat_points)),
+            ("train", Dtype::F32, vec![Recording::rows(&r.train, dim), dim], tensor_bytes(&r.train)),
+            (
+                "calibration",
+                Dtype::F32,
+                vec![Recording::rows(&r.calibration, dim), dim],
+                tensor_bytes(&r.calibration),
+            ),
+            ("test", Dtype::F32, vec![Recording::rows(&r.test, dim), dim], tensor_bytes(&r.test)),
+            ("train_frames", Dtype::U64, vec![r.train_frames.len()], tensor_bytes(&r.train_frames)),
+            (
+                "calibration_frames",
+                Dtype::U64,
+                vec![r.calibration_frames.len()],
+                tensor_bytes(&r.calibration_frames),
+            ),
+            ("test_frames", Dtype::U64, vec![r.test_frames.len()], tensor_bytes(&r.test_frames)),
+        ];
+        let metadata = HashMap::from([(TAPS_METADATA_KEY.to_owned(), serde_json::to_string(&self.taps)?)]);
+        write_safetensors_with_metadata(path, &tensors, Some(metadata))
+    }
+
+    /// Reads a file written by [`Activations::write`].
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("failed to read activations {}", path.display()))?;
+        let invalid = |message: String| anyhow::anyhow!("activations file {} is invalid: {message}", path.display());
+        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let taps_json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(TAPS_METADATA_KEY))
+            .ok_or_else(|| invalid(format!("header metadata has no `{TAPS_METADATA_KEY}`")))?;
+        let taps: Vec<TapShape> = serde_json::from_str(taps_json).map_err(|e| invalid(e.to_string()))?;
+        let tensors = SafeTensors::deserialize(&bytes).map_err(|e| invalid(e.to_string()))?;
+        let read = |name: &str, dtype: Dtype| -> Result<(Vec<usize>, Vec<u8>)> {
+            let view = tensors.tensor(name).map_err(|e| invalid(format!("{name}: {e}")))?;
+            ensure!(view.dtype() == dtype, "{name} has dtype {:?}, expected {dtype:?}", view.dtype());
+            Ok((view.shape().to_vec(), view.data().to_vec()))
+        };
+        let f32s = |bytes: Vec<u8>| -> Vec<f32> {
+            bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+        };
+        let u64s = |bytes: Vec<u8>| -> Vec<u64> {
+            bytes.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()
+        };
+        let (point_shape, point_bytes) = read("points", Dtype::U32)?;
+        let points: Vec<[u32; 3]> = point_bytes
+            .chunks_exact(12)
+            .map(|c| std::array::from_fn(|i| u32::from_le_bytes(c[4 * i..4 * i + 4].try_into().expect("4 bytes"))))
+            .collect();
+        let dim = point_shape[0];
+        let mut recording = Recording { dim, ..Default::default() };
+        for (name, target) in [
+            ("train", &mut recording.train),
+            ("calibration", &mut recording.calibration),
+            ("test", &mut recording.test),
+        ] {
+            let (shape, bytes) = read(name, Dtype::F32)?;
+            ensure!(shape.len() == 2 && shape[1] == dim, "{name} has shape {shape:?}, expected [rows, {dim}]");
+            *target = f32s(bytes);
+        }
+        recording.train_frames = u64s(read("train_frames", Dtype::U64)?.1);
+        recording.calibration_frames = u64s(read("calibration_frames", Dtype::U64)?.1);
+        recording.test_frames = u64s(read("test_frames", Dtype::U64)?.1);
+        Ok(Self { taps, points, recording })
+    }
+}
+
+/// Generates the mask and records the activation vectors of the training clip.
+pub fn record_activations(config: &TrainingConfig) -> Result<Activations> {
     let convention = InputConvention::espnet_cityscapes();
     let taps = config.taps();
     let backbone = load_backbone(&config.data.backbone, "logits", &taps, &convention)?;
@@ -331,19 +430,69 @@ pub fn build_bundle(config: &TrainingConfig, config_path: &Path, output: &Path) 
     let extent = sampling_extent(&tap_shapes, convention.height, convention.width);
     let points = poisson_disc(extent, config.mask.min_distance, config.mask.seed)?;
     let gather = GatherPlan::new(&points, &tap_shapes, convention.height, convention.width)?;
-    let dim = gather.len();
-    log::info!("mask: {dim} points in a sampling space of {extent:?}");
+    log::info!("mask: {} points in a sampling space of {extent:?}", gather.len());
 
-    let frames = read_video(&config.data.video)?;
-    let mut recorder = Recorder::new(backbone, gather, convention.clone());
+    let mut frames = read_video(&config.data.video)?;
+    if let Some(max) = config.data.max_frames {
+        frames.truncate(max);
+    }
+    let mut recorder = Recorder::new(backbone, gather, convention);
     let recording = record_clip(config, &frames, &mut recorder)?;
-    let n_train = Recording::rows(&recording.train, dim);
     log::info!(
-        "recorded {n_train} training vectors, {} calibration and {} test frames",
+        "recorded {} training vectors, {} calibration and {} test frames",
+        Recording::rows(&recording.train, recording.dim),
         recording.calibration_frames.len(),
         recording.test_frames.len()
     );
+    let (points, recording) = drop_constant_features(points, recording);
+    ensure!(!recording.test_frames.is_empty(), "the split left no test frames; shorten data.chunk_frames");
+    ensure!(
+        !recording.calibration_frames.is_empty(),
+        "the split left no calibration frames; shorten data.chunk_frames"
+    );
+    Ok(Activations { taps: tap_shapes, points, recording })
+}
 
+/// Removes mask points whose value does not vary over the training vectors (dead units,
+/// saturated activations). They carry no information, and a constant flow input can
+/// reach the output unchanged, where it gives HBOS a histogram of zero width.
+fn drop_constant_features(points: Vec<[u32; 3]>, recording: Recording) -> (Vec<[u32; 3]>, Recording) {
+    let dim = recording.dim;
+    let keep: Vec<bool> = (0..dim)
+        .map(|feature| {
+            let column = recording.train.iter().skip(feature).step_by(dim);
+            let (min, max) = column.fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            max - min > 1e-6 * max.abs().max(1.0)
+        })
+        .collect();
+    let kept = keep.iter().filter(|&&k| k).count();
+    if kept == dim {
+        return (points, recording);
+    }
+    log::info!("dropping {} of {dim} mask points whose training activations are constant", dim - kept);
+    let select = |rows: &[f32]| -> Vec<f32> {
+        rows.chunks_exact(dim)
+            .flat_map(|row| row.iter().zip(&keep).filter(|(_, &k)| k).map(|(&v, _)| v))
+            .collect()
+    };
+    let points = points.into_iter().zip(&keep).filter(|(_, &k)| k).map(|(p, _)| p).collect();
+    let recording = Recording {
+        dim: kept,
+        train: select(&recording.train),
+        calibration: select(&recording.calibration),
+        test: select(&recording.test),
+        ..recording
+    };
+    (points, recording)
+}
+
+/// Trains the flow on the training vectors by maximum likelihood. Returns the flow and
+/// the mean loss per dimension of the last epoch.
+pub fn train_flow(config: &TrainingConfig, activations: &Activations) -> Result<(TchFlow, f64)> {
+    tch::manual_seed(config.flow.seed as i64);
+    let recording = &activations.recording;
+    let dim = recording.dim;
+    let n_train = Recording::rows(&recording.train, dim);
     let flow_config = FlowConfig {
         dim,
         hidden: config.flow.hidden,
@@ -369,19 +518,40 @@ pub fn build_bundle(config: &TrainingConfig, config_path: &Path, output: &Path) 
     )?;
     bar.finish();
     let final_loss = *losses.last().unwrap_or(&f64::NAN);
+    log::info!("trained the flow for {} epochs, final loss {final_loss:.4} nats per dimension", config.flow.epochs);
+    Ok((flow, final_loss))
+}
 
-    let (z_train, _) = flow_outputs(&flow, &recording.train, dim)?;
+/// Fits the scores on the training outputs, calibrates the threshold on the calibration
+/// frames, measures the test frames and writes the bundle into `output`.
+pub fn export_bundle(
+    config: &TrainingConfig,
+    config_path: &Path,
+    activations: &Activations,
+    flow: &TchFlow,
+    output: &Path,
+) -> Result<BuildReport> {
+    let recording = &activations.recording;
+    let dim = recording.dim;
+    ensure!(
+        flow.config().dim == dim,
+        "the flow has dimension {}, the activations {dim}; train the flow on these activations",
+        flow.config().dim
+    );
+    let n_train = Recording::rows(&recording.train, dim);
+    let (z_train, nll_train) = flow_outputs(flow, &recording.train, dim)?;
+    let train_loss = nll_train.iter().sum::<f64>() / (nll_train.len() * dim) as f64;
     let hbos = Hbos::fit(&z_train, n_train, dim, config.score.bins, config.score.alpha, config.score.tol)?;
     let z_train_tensor = Tensor::from_slice(&z_train).reshape([n_train as i64, dim as i64]);
     let mahalanobis_fit = fit_mahalanobis(&z_train_tensor, config.score.mahalanobis_components)?;
     let mahalanobis = mahalanobis_fit.clone().into_score()?;
     let scores = FittedScores { hbos, mahalanobis };
 
-    let (z_cal, nll_cal) = flow_outputs(&flow, &recording.calibration, dim)?;
+    let (z_cal, nll_cal) = flow_outputs(flow, &recording.calibration, dim)?;
     let calibration_scores = scores.evaluate(config.score.kind, &z_cal, &nll_cal, dim)?;
     let threshold = quantile(&calibration_scores, 1.0 - config.threshold.false_positive_rate);
 
-    let (z_test, nll_test) = flow_outputs(&flow, &recording.test, dim)?;
+    let (z_test, nll_test) = flow_outputs(flow, &recording.test, dim)?;
     let mut test_above_threshold = BTreeMap::new();
     for kind in [
         ScoreKind::Hbos,
@@ -397,15 +567,14 @@ pub fn build_bundle(config: &TrainingConfig, config_path: &Path, output: &Path) 
         test_above_threshold.insert(kind.to_string(), above);
     }
 
-    // Write the bundle.
     std::fs::create_dir_all(output).with_context(|| format!("failed to create {}", output.display()))?;
     let backbone_file = "backbone.onnx";
     std::fs::copy(&config.data.backbone, output.join(backbone_file))
         .with_context(|| format!("failed to copy {}", config.data.backbone.display()))?;
-    let flat_points: Vec<u32> = points.iter().flatten().copied().collect();
+    let flat_points: Vec<u32> = activations.points.iter().flatten().copied().collect();
     write_safetensors(
         &output.join("mask.safetensors"),
-        &[("points", Dtype::U32, vec![points.len(), 3], tensor_bytes(&flat_points))],
+        &[("points", Dtype::U32, vec![activations.points.len(), 3], tensor_bytes(&flat_points))],
     )?;
     flow.write_safetensors(output.join("flow.safetensors"))?;
     let k = config.score.mahalanobis_components;
@@ -425,19 +594,19 @@ pub fn build_bundle(config: &TrainingConfig, config_path: &Path, output: &Path) 
         train_vectors: n_train,
         calibration_frames: recording.calibration_frames.len(),
         test_frames: recording.test_frames.len(),
-        final_loss,
+        train_loss,
         threshold,
         test_above_threshold,
     };
     let manifest = Manifest {
         format: FORMAT.to_owned(),
         format_version: FORMAT_VERSION,
-        input: convention,
+        input: InputConvention::espnet_cityscapes(),
         backbone: BackboneManifest {
             file: file_entry(output, backbone_file)?,
             logits: "logits".to_owned(),
             classes: crate::espnet::NUM_CLASSES,
-            taps: tap_shapes,
+            taps: activations.taps.clone(),
         },
         mask: MaskManifest {
             file: file_entry(output, "mask.safetensors")?,
@@ -486,8 +655,12 @@ pub fn build_bundle(config: &TrainingConfig, config_path: &Path, output: &Path) 
     };
     let text = serde_json::to_string_pretty(&manifest)?;
     std::fs::write(output.join(MANIFEST_FILE), text + "\n")?;
-    if report.test_frames == 0 {
-        bail!("no test frames: the split left none");
-    }
     Ok(report)
+}
+
+/// Runs record, train and export in one go and writes the bundle into `output`.
+pub fn build_bundle(config: &TrainingConfig, config_path: &Path, output: &Path) -> Result<BuildReport> {
+    let activations = record_activations(config)?;
+    let (flow, _) = train_flow(config, &activations)?;
+    export_bundle(config, config_path, &activations, &flow, output)
 }

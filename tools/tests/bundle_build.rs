@@ -1,0 +1,128 @@
+//! The bundle build steps on a short stretch of the real clip: `record`, `train` and
+//! `export` as separate commands, then the runtime loads and runs the bundle they wrote.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use daain::bundle::Bundle;
+use daain::pipeline::Detector;
+use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tools(args: &[&str]) {
+    let output = Command::new(env!("CARGO_BIN_EXE_daain-tools"))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+const SMALL_CONFIG: &str = r#"
+[data]
+backbone = "models/espnet/espnet_p2_q8_256x512.onnx"
+video = "data/footage/solidWhiteRight.mp4"
+max_frames = 25
+chunk_frames = 5
+pattern = ["train", "train", "train", "calibration", "test"]
+
+[mask]
+seed = 3
+min_distance = 80.0
+
+[augment]
+horizontal_flip = true
+crops = 1
+crop_scale = 0.9
+seed = 7
+
+[flow]
+blocks = 2
+hidden = 10
+clamp = 2.0
+epochs = 3
+batch_size = 16
+learning_rate = 0.001
+weight_decay = 0.0
+seed = 1
+
+[score]
+kind = "hbos"
+bins = 10
+alpha = 0.1
+tol = 0.5
+mahalanobis_components = 4
+
+[threshold]
+false_positive_rate = 0.2
+"#;
+
+#[test]
+fn record_train_export_gives_loadable_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("small.toml");
+    std::fs::write(&config, SMALL_CONFIG).unwrap();
+    let activations = dir.path().join("activations.safetensors");
+    let flow = dir.path().join("flow.safetensors");
+    let bundle_dir = dir.path().join("bundle");
+    let config = config.to_str().unwrap();
+
+    tools(&["record", "--config", config, "--output", activations.to_str().unwrap()]);
+    tools(&[
+        "train",
+        "--config",
+        config,
+        "--activations",
+        activations.to_str().unwrap(),
+        "--output",
+        flow.to_str().unwrap(),
+    ]);
+    tools(&[
+        "export",
+        "--config",
+        config,
+        "--activations",
+        activations.to_str().unwrap(),
+        "--flow",
+        flow.to_str().unwrap(),
+        "--output",
+        bundle_dir.to_str().unwrap(),
+    ]);
+
+    let bundle = Bundle::open(&bundle_dir).unwrap();
+    let manifest = bundle.manifest();
+    assert_eq!(manifest.flow.blocks, 2);
+    assert_eq!(manifest.mask.points, manifest.flow.dim);
+    assert_eq!(manifest.backbone.taps.len(), 20);
+    assert!(manifest.threshold.value.is_finite());
+    // 15 training frames, each also flipped and cropped once.
+    assert_eq!(manifest.training["train_frames"].as_array().unwrap().len(), 45);
+    assert_eq!(manifest.threshold.calibration_frames, 5);
+
+    let mut detector = Detector::new(&bundle, None).unwrap();
+    let spec = SourceSpec::Video(repo_root().join("data/footage/solidWhiteRight.mp4"));
+    let mut source = open_source(&spec, &SourceOptions::default()).unwrap();
+    let mut frame = Frame::new();
+    assert!(source.next_frame(&mut frame).unwrap());
+    let (scores, _) = detector.score_frame(&frame, false).unwrap();
+    assert!(scores.hbos.is_finite());
+    assert!(scores.nll.is_finite());
+}
+
+#[test]
+fn unknown_training_key_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, SMALL_CONFIG.replace("max_frames", "max_frame")).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_daain-tools"))
+        .args(["record", "--config", config.to_str().unwrap(), "--output", "/tmp/unused"])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains("max_frame"), "{message}");
+}
