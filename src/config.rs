@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::alert::AlertPolicy;
+use crate::pipeline::OverloadPolicy;
+
 /// Error while reading a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -32,6 +35,7 @@ pub struct Config {
     pub bundle: Option<PathBuf>,
     pub detector: DetectorConfig,
     pub alerts: AlertConfig,
+    pub pipeline: PipelineConfig,
 }
 
 /// Decision settings.
@@ -52,6 +56,8 @@ pub struct AlertConfig {
     pub raise_after: u32,
     /// Consecutive frames below the threshold before the level falls back to OK.
     pub clear_after: u32,
+    /// Policy that decides which alert is lost when the channel is full.
+    pub policy: AlertPolicy,
 }
 
 impl Default for AlertConfig {
@@ -60,6 +66,35 @@ impl Default for AlertConfig {
             capacity: 64,
             raise_after: 1,
             clear_after: 1,
+            policy: AlertPolicy::DropNewest,
+        }
+    }
+}
+
+/// Settings of the threaded frame loop.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Capacity of the queue between the decode and the detection thread, in frames.
+    pub queue_capacity: usize,
+    /// Overload policy of the frame queue. `None` picks `block`
+    /// for video files and still images replayed as fast as possible, and `drop-oldest`
+    /// for cameras and `--realtime` replay.
+    pub overload: Option<OverloadPolicy>,
+    /// Per-frame deadline from delivery by the source to the score, in milliseconds.
+    pub deadline_ms: u64,
+    /// Time without a frame leaving the detector after which the level turns STALE, in
+    /// milliseconds.
+    pub watchdog_ms: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 2,
+            overload: None,
+            deadline_ms: 200,
+            watchdog_ms: 2000,
         }
     }
 }
@@ -109,6 +144,27 @@ impl Config {
         if self.alerts.clear_after == 0 {
             return Err(invalid("alerts.clear_after", "0".into(), "use at least 1"));
         }
+        if self.pipeline.queue_capacity == 0 {
+            return Err(invalid(
+                "pipeline.queue_capacity",
+                "0".into(),
+                "use at least 1",
+            ));
+        }
+        if self.pipeline.deadline_ms == 0 {
+            return Err(invalid(
+                "pipeline.deadline_ms",
+                "0".into(),
+                "use at least 1",
+            ));
+        }
+        if self.pipeline.watchdog_ms == 0 {
+            return Err(invalid(
+                "pipeline.watchdog_ms",
+                "0".into(),
+                "use at least 1",
+            ));
+        }
         Ok(())
     }
 }
@@ -138,6 +194,39 @@ mod tests {
         let message = err.to_string();
         assert!(message.contains("threshhold"), "{message}");
         assert!(message.contains("test.toml"), "{message}");
+    }
+
+    #[test]
+    fn policies_are_read() {
+        let config = parse(
+            "[alerts]\npolicy = \"drop-oldest\"\n\
+             [pipeline]\noverload = \"block\"\ndeadline_ms = 50\nwatchdog_ms = 500\n",
+        )
+        .unwrap();
+        assert_eq!(config.alerts.policy, AlertPolicy::DropOldest);
+        assert_eq!(config.pipeline.overload, Some(OverloadPolicy::Block));
+        assert_eq!(config.pipeline.deadline_ms, 50);
+        assert_eq!(config.pipeline.watchdog_ms, 500);
+    }
+
+    #[test]
+    fn unknown_policy_is_named() {
+        let err = parse("[pipeline]\noverload = \"drop-newest\"\n").unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("drop-newest"), "{message}");
+        assert!(message.contains("drop-oldest"), "{message}");
+    }
+
+    #[test]
+    fn zero_watchdog_is_rejected() {
+        let err = parse("[pipeline]\nwatchdog_ms = 0\n").unwrap_err();
+        assert!(err.to_string().contains("pipeline.watchdog_ms"), "{err}");
+    }
+
+    #[test]
+    fn shipped_config_lists_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/default.toml");
+        assert_eq!(Config::from_path(&path).unwrap(), Config::default());
     }
 
     #[test]

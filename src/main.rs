@@ -4,6 +4,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -11,7 +13,9 @@ use clap::{Parser, Subcommand};
 use daain::alert::{self, Alert};
 use daain::bundle::Bundle;
 use daain::config::Config;
-use daain::pipeline::{Detector, FrameOutcome, RunSummary};
+use daain::pipeline::{
+    Detector, FrameOutcome, OverloadPolicy, Pacing, RunOptions, RunSummary, StopFlag,
+};
 use daain::source::{open_source, SourceOptions, SourceSpec};
 
 /// Default bundle directory, relative to the working directory.
@@ -66,6 +70,11 @@ struct RunArgs {
     /// Stop after this many frames.
     #[arg(long)]
     max_frames: Option<u64>,
+    /// Replay a video or still images at recorded speed, delivering each frame at its
+    /// timestamp as a camera would. Frames the detector cannot keep up with are dropped
+    /// unless the config sets `pipeline.overload = "block"`. Default: as fast as possible.
+    #[arg(long)]
+    realtime: bool,
 }
 
 fn main() -> ExitCode {
@@ -145,10 +154,38 @@ fn run(args: RunArgs) -> Result<()> {
         })?;
     }
 
-    let (alert_sender, alert_receiver) = alert::channel(config.alerts.capacity);
+    let overload = config
+        .pipeline
+        .overload
+        .unwrap_or(if args.realtime || args.camera.is_some() {
+            OverloadPolicy::DropOldest
+        } else {
+            OverloadPolicy::Block
+        });
+    let stop = StopFlag::new();
+    register_stop_signals(&stop)?;
+    let options = RunOptions {
+        raise_after: config.alerts.raise_after,
+        clear_after: config.alerts.clear_after,
+        max_frames: args.max_frames,
+        segment: args.segmentation_out.is_some(),
+        queue_capacity: config.pipeline.queue_capacity,
+        overload,
+        pacing: if args.realtime {
+            Pacing::Realtime
+        } else {
+            Pacing::AsFastAsPossible
+        },
+        deadline: Duration::from_millis(config.pipeline.deadline_ms),
+        watchdog: Duration::from_millis(config.pipeline.watchdog_ms),
+        stop,
+    };
+
+    let (alert_sender, alert_receiver) =
+        alert::channel_with_policy(config.alerts.capacity, config.alerts.policy);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut printed_alerts = 0u64;
+    let mut received_alerts = 0u64;
     let mut on_frame = |outcome: &FrameOutcome, classes: Option<&[u8]>| -> Result<()> {
         if let (Some(dir), Some(classes)) = (&args.segmentation_out, classes) {
             let path = dir.join(format!("{:06}.png", outcome.frame));
@@ -162,7 +199,7 @@ fn run(args: RunArgs) -> Result<()> {
         }
         // The CLI is the alert consumer: drain after every frame.
         for alert in alert_receiver.try_iter() {
-            printed_alerts += 1;
+            received_alerts += 1;
             log_alert(&alert);
         }
         Ok(())
@@ -172,41 +209,61 @@ fn run(args: RunArgs) -> Result<()> {
         source.as_mut(),
         &mut detector,
         &alert_sender,
-        config.alerts.raise_after,
-        config.alerts.clear_after,
-        args.max_frames,
-        args.segmentation_out.is_some(),
+        &options,
         &mut on_frame,
     )?;
-    log::info!(
-        "{summary}; {printed_alerts} alerts received, {} undelivered",
-        alert_sender.dropped()
-    );
+    for alert in alert_receiver.try_iter() {
+        received_alerts += 1;
+        log_alert(&alert);
+    }
+    // The summary is the result of the run, so it is printed whatever the log level.
+    eprintln!("summary: {summary} alerts_received={received_alerts}");
     if let Some(error) = summary.source_error {
-        bail!("source failed after {} frames: {error}", summary.frames);
+        bail!("source failed after {} frames: {error}", summary.decoded);
+    }
+    Ok(())
+}
+
+/// Makes SIGINT and SIGTERM request a clean stop: the source is closed, the frames
+/// already read are scored and reported, and the summary is printed. A second signal
+/// while stopping exits at once with status 1.
+fn register_stop_signals(stop: &StopFlag) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = stop.as_atomic();
+    for signal in [SIGINT, SIGTERM] {
+        // Registered first, so it runs before the second handler sets the flag.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&flag))
+            .with_context(|| format!("failed to install the handler for signal {signal}"))?;
+        signal_hook::flag::register(signal, Arc::clone(&flag))
+            .with_context(|| format!("failed to install the handler for signal {signal}"))?;
     }
     Ok(())
 }
 
 fn log_alert(alert: &Alert) {
+    use daain::alert::AlertLevel;
+    if !alert.message.is_empty() {
+        // ERROR, STALE and resume alerts carry their cause; their score means nothing.
+        let message = format!("frame {}: {} ({})", alert.frame, alert.level, alert.message);
+        match alert.level {
+            AlertLevel::Ok => log::info!("{message}"),
+            _ => log::warn!("{message}"),
+        }
+        return;
+    }
     match alert.level {
-        daain::alert::AlertLevel::Ok => log::info!(
+        AlertLevel::Ok => log::info!(
             "frame {}: level back to OK (score {:.3}, threshold {:.3})",
             alert.frame,
             alert.score,
             alert.threshold
         ),
         _ => log::warn!(
-            "frame {}: {} score {:.3} above threshold {:.3}{}",
+            "frame {}: {} score {:.3} above threshold {:.3}",
             alert.frame,
             alert.level,
             alert.score,
-            alert.threshold,
-            if alert.message.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", alert.message)
-            }
+            alert.threshold
         ),
     }
 }

@@ -140,3 +140,103 @@ fn threshold_override_applies() {
     assert_eq!(value["threshold"], -1e300);
     assert_eq!(value["anomalous"], true);
 }
+
+#[test]
+fn unknown_overload_policy_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[pipeline]\noverload = \"skip\"\n").unwrap();
+    let output = daain(&[
+        "run",
+        "--video",
+        "data/footage/solidWhiteRight.mp4",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("skip"), "{message}");
+    assert!(message.contains("drop-oldest"), "{message}");
+}
+
+#[test]
+fn summary_counts_every_frame() {
+    let output = daain(&[
+        "run",
+        "--video",
+        "data/footage/solidWhiteRight.mp4",
+        "--json",
+        "--max-frames",
+        "5",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let message = stderr(&output);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 5, "{stdout}");
+    assert!(message.contains("summary: decoded=5 scored=5 dropped=0"), "{message}");
+}
+
+#[test]
+fn sigterm_stops_realtime_run_cleanly() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_daain"))
+        .args([
+            "run",
+            "--video",
+            "data/footage/solidWhiteRight.mp4",
+            "--realtime",
+            "--json",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("daain binary runs");
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let stderr_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        stderr_pipe.read_to_string(&mut text).unwrap();
+        text
+    });
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+
+    // At recorded speed the clip lasts about 9 seconds, so the signal comes mid-run.
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for _ in 0..3 {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "stdout ended early");
+        lines.push(line.trim_end().to_owned());
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    for rest in stdout.lines() {
+        lines.push(rest.unwrap());
+    }
+    let exit = child.wait().unwrap();
+    let message = stderr_reader.join().unwrap();
+    assert!(exit.success(), "exit {exit:?}: {message}");
+
+    assert!(lines.len() < 221, "the run was not stopped: {} frames", lines.len());
+    let mut previous = None;
+    for line in &lines {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("incomplete JSON line {line:?}: {e}"));
+        let frame = value["frame"].as_u64().expect("frame is a number");
+        assert!(previous.is_none_or(|p| p < frame), "frame {frame} after {previous:?}");
+        previous = Some(frame);
+    }
+    assert!(message.contains("stopped=true"), "{message}");
+    assert!(
+        message.contains(&format!("scored={} ", lines.len())),
+        "summary disagrees with {} JSON lines: {message}",
+        lines.len()
+    );
+    assert!(!message.contains("panicked"), "{message}");
+}

@@ -1,20 +1,20 @@
-//! The frame loop: wires source, preprocessing, backbone, sampling, flow, score and
-//! alerts together. The stages know nothing of each other. This module owns the buffers
-//! that pass between them, allocated once when the detector is built.
+//! The detector: wires preprocessing, backbone, sampling, flow and score together. The
+//! stages know nothing of each other. The detector owns the buffers that pass between
+//! them, allocated once when it is built.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::alert::{Alert, AlertLevel, AlertSender, LevelTracker};
+use crate::alert::AlertLevel;
 use crate::backbone::{argmax_classes, Backbone, BackboneError, BackboneSpec};
 use crate::bundle::{Bundle, BundleError};
 use crate::flow::{Flow, FlowError, FlowScratch};
 use crate::preprocess::{PreprocessError, Preprocessor};
 use crate::sampling::{GatherPlan, SamplingError};
 use crate::score::{Hbos, Mahalanobis, ScoreError, ScoreKind};
-use crate::source::{Frame, FrameSource};
+use crate::source::Frame;
 
 /// Error while building the detector or scoring a frame.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,8 @@ impl Scores {
 /// Time spent in each stage for one frame, in milliseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct StageTimings {
+    /// Wait in the frame queue, from delivery by the source to the start of detection.
+    pub queue_ms: f64,
     pub preprocess_ms: f64,
     pub backbone_ms: f64,
     pub sampling_ms: f64,
@@ -88,6 +90,10 @@ pub struct FrameOutcome {
     pub level: AlertLevel,
     pub scores: Option<Scores>,
     pub timings: StageTimings,
+    /// Time from delivery by the source until the score was ready, in milliseconds.
+    pub latency_ms: f64,
+    /// Whether `latency_ms` exceeded the configured per-frame deadline.
+    pub deadline_missed: bool,
     /// Cause of the failure when the frame could not be scored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -283,114 +289,8 @@ impl<'b> Detector<'b> {
     }
 }
 
-fn millis(duration: Duration) -> f64 {
+pub(crate) fn millis(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
-}
-
-/// Counts of one run over a source.
-#[derive(Debug, Clone, Default)]
-pub struct RunSummary {
-    pub frames: u64,
-    pub anomalous: u64,
-    pub failed: u64,
-    /// The source error that ended the run early, if any.
-    pub source_error: Option<String>,
-}
-
-impl std::fmt::Display for RunSummary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} frames scored, {} anomalous, {} failed",
-            self.frames, self.anomalous, self.failed
-        )
-    }
-}
-
-/// Scores frames from `source` until it ends, `max_frames` is reached or it fails.
-/// `on_frame` receives every outcome, and the class map when `segment` is set.
-/// Alerts go to `alerts`: one for every frame whose level is not OK, and one when the
-/// level returns to OK. A source error ends the run and is returned in the summary, after
-/// every frame before it was scored and reported.
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    source: &mut dyn FrameSource,
-    detector: &mut Detector<'_>,
-    alerts: &AlertSender,
-    raise_after: u32,
-    clear_after: u32,
-    max_frames: Option<u64>,
-    segment: bool,
-    on_frame: &mut dyn FnMut(&FrameOutcome, Option<&[u8]>) -> anyhow::Result<()>,
-) -> anyhow::Result<RunSummary> {
-    let mut tracker = LevelTracker::new(raise_after, clear_after);
-    let mut summary = RunSummary::default();
-    let mut frame = Frame::new();
-    let threshold = detector.threshold();
-    let kind = detector.score_kind();
-    log::info!(
-        "scoring {} with {kind} threshold {threshold}",
-        source.describe()
-    );
-    loop {
-        if max_frames.is_some_and(|max| summary.frames >= max) {
-            break;
-        }
-        match source.next_frame(&mut frame) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(error) => {
-                log::error!("source {} failed: {error}", source.describe());
-                summary.source_error = Some(error.to_string());
-                break;
-            }
-        }
-        let previous_level = tracker.level();
-        let mut outcome = FrameOutcome {
-            frame: frame.index,
-            time_s: frame.timestamp.as_secs_f64(),
-            score: None,
-            score_kind: kind,
-            threshold,
-            anomalous: true,
-            level: AlertLevel::Error,
-            scores: None,
-            timings: StageTimings::default(),
-            error: None,
-            segmentation_size: detector.segmentation_size(),
-        };
-        match detector.score_frame(&frame, segment) {
-            Ok((scores, timings)) => {
-                let score = scores.get(kind);
-                outcome.score = Some(score);
-                outcome.anomalous = score > threshold;
-                outcome.level = tracker.update(outcome.anomalous);
-                outcome.scores = Some(scores);
-                outcome.timings = timings;
-            }
-            Err(error) => {
-                log::error!("frame {}: {error}", frame.index);
-                outcome.level = tracker.fail();
-                outcome.error = Some(error.to_string());
-                summary.failed += 1;
-            }
-        }
-        summary.frames += 1;
-        summary.anomalous += u64::from(outcome.anomalous);
-        if outcome.level != AlertLevel::Ok || previous_level != AlertLevel::Ok {
-            alerts.send(Alert {
-                frame: outcome.frame,
-                timestamp: frame.timestamp,
-                score: outcome.score.unwrap_or(f64::NAN),
-                threshold,
-                level: outcome.level,
-                message: outcome.error.clone().unwrap_or_default(),
-            });
-        }
-        let classes = (segment && outcome.error.is_none()).then(|| detector.segmentation());
-        on_frame(&outcome, classes)?;
-    }
-    Ok(summary)
 }
 
 /// Writes a class map as an 8-bit greyscale PNG whose pixel values are class indices.
