@@ -107,6 +107,13 @@ impl LevelTracker {
     /// tracker first returns to its level before the stall.
     pub fn update(&mut self, anomalous: bool) -> AlertLevel {
         self.resume();
+        if self.level == AlertLevel::Error {
+            // The failure said nothing about the input, so the first scored frame after
+            // it sets the level directly instead of counting towards hysteresis.
+            self.level = if anomalous { AlertLevel::Warn } else { AlertLevel::Ok };
+            self.run = 0;
+            return self.level;
+        }
         let rising = self.level == AlertLevel::Ok;
         if anomalous == rising {
             self.run += 1;
@@ -272,6 +279,15 @@ mod tests {
             level: AlertLevel::Warn,
             message: String::new(),
         }
+    }
+
+    #[test]
+    fn scored_frame_after_failure_sets_level() {
+        let mut tracker = LevelTracker::new(3, 3);
+        assert_eq!(tracker.fail(), AlertLevel::Error);
+        assert_eq!(tracker.update(true), AlertLevel::Warn);
+        assert_eq!(tracker.fail(), AlertLevel::Error);
+        assert_eq!(tracker.update(false), AlertLevel::Ok);
     }
 
     #[test]

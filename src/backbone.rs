@@ -16,7 +16,7 @@ use crate::sampling::TapShape;
 /// Error while loading or running the backbone.
 #[derive(Debug, thiserror::Error)]
 pub enum BackboneError {
-    #[error("failed to load backbone model {path}: {source}")]
+    #[error("failed to load backbone model {path}")]
     Load {
         path: PathBuf,
         source: anyhow::Error,

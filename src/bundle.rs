@@ -43,7 +43,7 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 pub enum BundleError {
     #[error("bundle directory {0} not found: pass --bundle DIR with a directory made by `daain-tools export`")]
     MissingDirectory(PathBuf),
-    #[error("failed to read bundle file {path}: {source}")]
+    #[error("failed to read bundle file {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -11,7 +11,7 @@ use crate::pipeline::OverloadPolicy;
 /// Error while reading a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("failed to read config {path}: {source}")]
+    #[error("failed to read config {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,

@@ -45,12 +45,13 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["video", "images", "camera"])))]
 struct RunArgs {
     /// Video file to replay (any container and codec FFmpeg decodes).
-    #[arg(long, conflicts_with_all = ["images", "camera"], required_unless_present_any = ["images", "camera"])]
+    #[arg(long)]
     video: Option<PathBuf>,
     /// Directory of still images (JPEG or PNG), scored in file-name order.
-    #[arg(long, conflicts_with = "camera")]
+    #[arg(long)]
     images: Option<PathBuf>,
     /// V4L2 camera device, for example /dev/video0.
     #[arg(long)]

@@ -20,10 +20,19 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+if ! python3 -m pip --version >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-pip
+fi
+
 if [ ! -f "$LIBTORCH_PARENT/torch/lib/libtorch_cpu.so" ]; then
     # The PyPI wheel is a CUDA build; without its dependencies it still gives a working
     # CPU libtorch, plus the two CUDA runtime libraries that libtorch_cuda.so links.
-    python3 -m pip install --quiet --no-deps --target "$LIBTORCH_PARENT" \
+    # --target installs into a private folder, so Debian's externally-managed marker
+    # (PEP 668) does not apply; the variable tells pip so.
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --no-deps --target "$LIBTORCH_PARENT" \
         torch==2.13.0 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
 fi
 echo "libtorch: $LIBTORCH_PARENT/torch"

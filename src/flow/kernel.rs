@@ -49,6 +49,10 @@ pub trait Element:
     fn pick<'s>(single: &'s [f32], double: &'s [f64]) -> &'s [Self];
     /// Picks the precomputed per-block scalar of this precision.
     fn pick_scalar(single: f32, double: f64) -> Self;
+    /// Returns the block kernel [`Flow::forward`](super::Flow::forward) runs in this
+    /// precision: the one [`forward_kernel_f32`](super::forward_kernel_f32) picks for f32,
+    /// the scalar [`block_forward`] for f64.
+    fn default_forward_kernel() -> BlockForwardFn<Self>;
 }
 
 impl Element for f32 {
@@ -77,6 +81,9 @@ impl Element for f32 {
     }
     fn pick_scalar(single: f32, _double: f64) -> Self {
         single
+    }
+    fn default_forward_kernel() -> BlockForwardFn<Self> {
+        super::forward_kernel_f32().kernel()
     }
 }
 
@@ -107,11 +114,14 @@ impl Element for f64 {
     fn pick_scalar(_single: f32, double: f64) -> Self {
         double
     }
+    fn default_forward_kernel() -> BlockForwardFn<Self> {
+        block_forward::<f64>
+    }
 }
 
 /// FrEIA multiplies the subnet output by this factor before splitting it into log-scale
 /// and shift (`AllInOneBlock._affine`, FrEIA 0.2).
-const SUBNET_OUTPUT_FACTOR: f64 = 0.1;
+pub(super) const SUBNET_OUTPUT_FACTOR: f64 = 0.1;
 
 /// Evaluates the subnet `Linear(d1, hidden) -> ReLU -> Linear(hidden, 2 * d2)` on `x1`
 /// and writes `0.1 * output` into `subnet_out`.

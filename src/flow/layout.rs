@@ -1,11 +1,12 @@
 //! Reading the flow file layout described in the [module docs](super).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use safetensors::tensor::{Dtype, Metadata, TensorInfo};
 use safetensors::SafeTensors;
 
-use super::{BlockParams, FlowError, FlowParams, FREIA_DEFAULT_CLAMP};
+use super::{BlockTensors, FlowError, FlowParams, FREIA_DEFAULT_CLAMP};
 
 /// Header metadata key holding the affine clamp as a decimal string.
 pub const AFFINE_CLAMPING_METADATA_KEY: &str = "affine_clamping";
@@ -25,7 +26,8 @@ const BLOCK_TENSORS: [&str; 7] = [
 ///
 /// Checks that the blocks are numbered from 0 without gaps, that no other tensors are
 /// present, and every dtype, shape and alignment. The values themselves are checked by
-/// [`Flow::new`](super::Flow::new).
+/// [`Flow::new`](super::Flow::new). The subnet tensors may be F16. They are widened to
+/// owned f32 copies, while F32 tensors stay borrowed.
 pub fn params_from_safetensors(bytes: &[u8]) -> Result<FlowParams<'_>, FlowError> {
     let (header_len, metadata) = SafeTensors::read_metadata(bytes)
         .map_err(|error| FlowError::Safetensors(error.to_string()))?;
@@ -77,20 +79,16 @@ pub fn params_from_safetensors(bytes: &[u8]) -> Result<FlowParams<'_>, FlowError
     for k in 0..block_count {
         let name = |tensor: &str| format!("blocks.{k}.{tensor}");
         let permutation: &[i32] = reader.slice(&name("permutation"), Dtype::I32, &[dim])?;
-        blocks.push(BlockParams {
+        blocks.push(BlockTensors {
             // I32 and u32 share size and alignment; a negative index turns into a value of
             // at least 2^31, which Flow::new rejects as out of range.
             permutation: bytemuck::cast_slice(permutation),
             global_scale: reader.slice(&name("global_scale"), Dtype::F32, &[dim])?,
             global_offset: reader.slice(&name("global_offset"), Dtype::F32, &[dim])?,
-            subnet_0_weight: reader.slice(&name("subnet.0.weight"), Dtype::F32, &[hidden, d1])?,
-            subnet_0_bias: reader.slice(&name("subnet.0.bias"), Dtype::F32, &[hidden])?,
-            subnet_2_weight: reader.slice(
-                &name("subnet.2.weight"),
-                Dtype::F32,
-                &[2 * d2, hidden],
-            )?,
-            subnet_2_bias: reader.slice(&name("subnet.2.bias"), Dtype::F32, &[2 * d2])?,
+            subnet_0_weight: reader.weights(&name("subnet.0.weight"), &[hidden, d1])?,
+            subnet_0_bias: reader.weights(&name("subnet.0.bias"), &[hidden])?,
+            subnet_2_weight: reader.weights(&name("subnet.2.weight"), &[2 * d2, hidden])?,
+            subnet_2_bias: reader.weights(&name("subnet.2.bias"), &[2 * d2])?,
         });
     }
 
@@ -159,6 +157,32 @@ impl<'a> Reader<'_, 'a> {
                 actual: format!("{:?}", info.dtype),
             });
         }
+        let bytes = self.bytes(name, info, shape)?;
+        bytemuck::try_cast_slice(bytes).map_err(|_| FlowError::Unaligned { name: name.into() })
+    }
+
+    /// Reads an F32 tensor as a borrowed slice, or an F16 tensor as an owned f32 copy.
+    fn weights(&self, name: &str, shape: &[usize]) -> Result<Cow<'a, [f32]>, FlowError> {
+        let info = self.info(name)?;
+        match info.dtype {
+            Dtype::F32 => self.slice(name, Dtype::F32, shape).map(Cow::Borrowed),
+            // Decoding byte pairs needs no alignment, unlike a cast to [f16].
+            Dtype::F16 => Ok(Cow::Owned(
+                self.bytes(name, info, shape)?
+                    .chunks_exact(2)
+                    .map(|pair| half::f16::from_le_bytes([pair[0], pair[1]]).to_f32())
+                    .collect(),
+            )),
+            other => Err(FlowError::Dtype {
+                name: name.into(),
+                expected: "F32 or F16",
+                actual: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Returns the raw data of a tensor after checking its shape.
+    fn bytes(&self, name: &str, info: &TensorInfo, shape: &[usize]) -> Result<&'a [u8], FlowError> {
         if info.shape != shape {
             return Err(FlowError::Shape {
                 name: name.into(),
@@ -169,8 +193,7 @@ impl<'a> Reader<'_, 'a> {
         // read_metadata has checked that the offsets lie inside the buffer and match the
         // shape and dtype.
         let (start, end) = info.data_offsets;
-        bytemuck::try_cast_slice(&self.data[start..end])
-            .map_err(|_| FlowError::Unaligned { name: name.into() })
+        Ok(&self.data[start..end])
     }
 }
 
@@ -178,6 +201,7 @@ fn dtype_name(dtype: Dtype) -> &'static str {
     match dtype {
         Dtype::I32 => "I32",
         Dtype::F32 => "F32",
+        Dtype::F16 => "F16",
         _ => "another dtype",
     }
 }

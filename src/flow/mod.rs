@@ -28,20 +28,30 @@
 //! | `blocks.K.permutation`       | I32   | `[d]`           | `out[i] = v[permutation[i]]`     |
 //! | `blocks.K.global_scale`      | F32   | `[d]`           | raw FrEIA `global_scale`         |
 //! | `blocks.K.global_offset`     | F32   | `[d]`           | FrEIA `global_offset`            |
-//! | `blocks.K.subnet.0.weight`   | F32   | `[hidden, d1]`  | first Linear, PyTorch layout     |
-//! | `blocks.K.subnet.0.bias`     | F32   | `[hidden]`      |                                  |
-//! | `blocks.K.subnet.2.weight`   | F32   | `[2 * d2, hidden]` | second Linear, PyTorch layout |
-//! | `blocks.K.subnet.2.bias`     | F32   | `[2 * d2]`      |                                  |
+//! | `blocks.K.subnet.0.weight`   | F32 or F16 | `[hidden, d1]`  | first Linear, PyTorch layout |
+//! | `blocks.K.subnet.0.bias`     | F32 or F16 | `[hidden]`      |                              |
+//! | `blocks.K.subnet.2.weight`   | F32 or F16 | `[2 * d2, hidden]` | second Linear, PyTorch layout |
+//! | `blocks.K.subnet.2.bias`     | F32 or F16 | `[2 * d2]`      |                              |
 //!
 //! The optional header metadata key `affine_clamping` contains the clamp as a decimal string.
 //! Without it, [`params_from_safetensors`] uses FrEIA's default [`FREIA_DEFAULT_CLAMP`].
-//! [`params_from_safetensors`] borrows the tensor data, so it must be aligned to 4 bytes
-//! in memory. The safetensors serializer orders tensors by dtype alignment and pads the
-//! header to 8 bytes, so a file it wrote and then read or memory-mapped at an aligned
-//! address satisfies that.
+//! [`params_from_safetensors`] borrows F32 and I32 tensor data, so it must be aligned to
+//! 4 bytes in memory. The safetensors serializer orders tensors by dtype alignment and pads
+//! the header to 8 bytes, so a file it wrote and then read or memory-mapped at an aligned
+//! address satisfies that. F16 subnet tensors take half the space of F32 ones, and the
+//! subnet weights are most of the file. The reader widens them to owned f32 copies once, so
+//! evaluation costs the same as with F32 tensors.
+//!
+//! # Kernels
+//!
+//! [`Flow::forward`] in f32 runs the block kernel that [`forward_kernel_f32`] picks for
+//! this CPU: AVX2 with FMA on x86_64, NEON on aarch64, or the scalar [`block_forward`].
+//! Setting the environment variable `DAAIN_FLOW_KERNEL=scalar` forces the scalar kernel.
+//! [`Flow::forward_with`] runs any kernel, and f64 evaluation is always scalar.
 
 mod kernel;
 mod layout;
+mod simd;
 
 use std::borrow::Cow;
 
@@ -49,6 +59,14 @@ use thiserror::Error;
 
 pub use kernel::{block_forward, block_inverse, BlockForwardFn, Element};
 pub use layout::{params_from_safetensors, AFFINE_CLAMPING_METADATA_KEY};
+#[cfg(target_arch = "x86_64")]
+pub use simd::avx2_fma_coupling_forward_f32;
+#[cfg(target_arch = "aarch64")]
+pub use simd::neon_coupling_forward_f32;
+pub use simd::{
+    available_forward_kernels_f32, forward_kernel_f32, select_forward_kernel_f32, ForwardKernel,
+    KernelRequestError, FLOW_KERNEL_ENV,
+};
 
 /// FrEIA's default `affine_clamping` of `AllInOneBlock`.
 pub const FREIA_DEFAULT_CLAMP: f32 = 2.0;
@@ -189,13 +207,47 @@ pub struct BlockParams<'a> {
     pub subnet_2_bias: &'a [f32],
 }
 
+/// Parameters of one block as read from a flow file: borrowed where the file stores F32
+/// or I32, owned f32 copies where it stores the subnet tensors as F16.
+#[derive(Debug, Clone)]
+pub struct BlockTensors<'a> {
+    /// Output index `i` takes value `permutation[i]`.
+    pub permutation: &'a [u32],
+    /// Raw FrEIA `global_scale` before the softplus activation, `[d]`.
+    pub global_scale: &'a [f32],
+    /// FrEIA `global_offset`, `[d]`.
+    pub global_offset: &'a [f32],
+    /// First subnet Linear, `[hidden, d1]` row-major (PyTorch layout).
+    pub subnet_0_weight: Cow<'a, [f32]>,
+    /// `[hidden]`.
+    pub subnet_0_bias: Cow<'a, [f32]>,
+    /// Second subnet Linear, `[2 * d2, hidden]` row-major.
+    pub subnet_2_weight: Cow<'a, [f32]>,
+    /// `[2 * d2]`.
+    pub subnet_2_bias: Cow<'a, [f32]>,
+}
+
+impl<'a> From<BlockParams<'a>> for BlockTensors<'a> {
+    fn from(params: BlockParams<'a>) -> Self {
+        Self {
+            permutation: params.permutation,
+            global_scale: params.global_scale,
+            global_offset: params.global_offset,
+            subnet_0_weight: Cow::Borrowed(params.subnet_0_weight),
+            subnet_0_bias: Cow::Borrowed(params.subnet_0_bias),
+            subnet_2_weight: Cow::Borrowed(params.subnet_2_weight),
+            subnet_2_bias: Cow::Borrowed(params.subnet_2_bias),
+        }
+    }
+}
+
 /// Everything [`Flow::new`] needs, as read by [`params_from_safetensors`].
 #[derive(Debug, Clone)]
 pub struct FlowParams<'a> {
     pub dim: usize,
     pub hidden: usize,
     pub clamp: f32,
-    pub blocks: Vec<BlockParams<'a>>,
+    pub blocks: Vec<BlockTensors<'a>>,
 }
 
 /// One validated block with its activated global scale precomputed.
@@ -214,6 +266,13 @@ pub struct Block<'a> {
     scale_f64: Vec<f64>,
     /// `sum(ln scale)`, the block's constant log|det J| term.
     log_scale_sum: f64,
+    /// Second subnet Linear and its bias repacked for the vector kernels, see
+    /// [`simd::pack_subnet_2`]. It takes about `2 * d2 * (hidden + 1)` floats.
+    packed_subnet_2: Vec<f32>,
+    /// `scale_f32[permutation[i]]`, so the vector kernels read the scale in output order.
+    permuted_scale_f32: Vec<f32>,
+    /// `global_offset[permutation[i]]`.
+    permuted_offset_f32: Vec<f32>,
 }
 
 impl<'a> Block<'a> {
@@ -267,6 +326,9 @@ impl<'a> Block<'a> {
             scale_f32: self.scale_f32,
             scale_f64: self.scale_f64,
             log_scale_sum: self.log_scale_sum,
+            packed_subnet_2: self.packed_subnet_2,
+            permuted_scale_f32: self.permuted_scale_f32,
+            permuted_offset_f32: self.permuted_offset_f32,
         }
     }
 }
@@ -307,12 +369,13 @@ impl<'a> Flow<'a> {
     ///
     /// Checks every length against `dim` and `hidden`, that each permutation contains each of
     /// `0..dim` once, that every parameter is finite, and that every activated scale is
-    /// positive and finite.
-    pub fn new(
+    /// positive and finite. `blocks` are [`BlockParams`] or the [`BlockTensors`] that
+    /// [`params_from_safetensors`] returns.
+    pub fn new<B: Into<BlockTensors<'a>>>(
         dim: usize,
         hidden: usize,
         clamp: f32,
-        blocks: Vec<BlockParams<'a>>,
+        blocks: Vec<B>,
     ) -> Result<Self, FlowError> {
         if dim < 2 {
             return Err(FlowError::InvalidDimension { dim });
@@ -329,7 +392,7 @@ impl<'a> Flow<'a> {
         let blocks = blocks
             .into_iter()
             .enumerate()
-            .map(|(index, params)| prepare_block(index, dim, hidden, params))
+            .map(|(index, params)| prepare_block(index, dim, hidden, params.into()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             dim,
@@ -381,9 +444,10 @@ impl<'a> Flow<'a> {
         }
     }
 
-    /// Maps `x` to `z` and returns log|det dz/dx|, with the scalar kernel.
+    /// Maps `x` to `z` and returns log|det dz/dx|.
     ///
-    /// Rejects a non-finite input value with [`FlowError::NonFinite`] and a non-finite
+    /// In f32 it runs the kernel of [`forward_kernel_f32`], in f64 the scalar
+    /// [`block_forward`]. Rejects a non-finite input value with [`FlowError::NonFinite`] and a non-finite
     /// result with [`FlowError::NonFiniteOutput`] or [`FlowError::NonFiniteLogDet`].
     pub fn forward<T: Element>(
         &self,
@@ -391,7 +455,7 @@ impl<'a> Flow<'a> {
         z: &mut [T],
         scratch: &mut FlowScratch<T>,
     ) -> Result<T, FlowError> {
-        self.forward_with(block_forward::<T>, x, z, scratch)
+        self.forward_with(T::default_forward_kernel(), x, z, scratch)
     }
 
     /// Runs [`Flow::forward`] with another block kernel, such as a vectorised one.
@@ -572,7 +636,7 @@ fn prepare_block<'a>(
     index: usize,
     dim: usize,
     hidden: usize,
-    params: BlockParams<'a>,
+    params: BlockTensors<'a>,
 ) -> Result<Block<'a>, FlowError> {
     let d1 = dim - dim / 2;
     let d2 = dim / 2;
@@ -597,10 +661,10 @@ fn prepare_block<'a>(
     check_permutation(index, params.permutation)?;
     check_finite(index, "global_scale", params.global_scale)?;
     check_finite(index, "global_offset", params.global_offset)?;
-    check_finite(index, "subnet.0.weight", params.subnet_0_weight)?;
-    check_finite(index, "subnet.0.bias", params.subnet_0_bias)?;
-    check_finite(index, "subnet.2.weight", params.subnet_2_weight)?;
-    check_finite(index, "subnet.2.bias", params.subnet_2_bias)?;
+    check_finite(index, "subnet.0.weight", &params.subnet_0_weight)?;
+    check_finite(index, "subnet.0.bias", &params.subnet_0_bias)?;
+    check_finite(index, "subnet.2.weight", &params.subnet_2_weight)?;
+    check_finite(index, "subnet.2.bias", &params.subnet_2_bias)?;
 
     let scale_f64: Vec<f64> = params
         .global_scale
@@ -621,20 +685,35 @@ fn prepare_block<'a>(
         }
         log_scale_sum += scale.ln();
     }
-    let scale_f32 = scale_f64.iter().map(|&scale| scale as f32).collect();
+    let scale_f32: Vec<f32> = scale_f64.iter().map(|&scale| scale as f32).collect();
+    let packed_subnet_2 =
+        simd::pack_subnet_2(&params.subnet_2_weight, &params.subnet_2_bias, hidden);
+    let permuted_scale_f32 = params
+        .permutation
+        .iter()
+        .map(|&p| scale_f32[p as usize])
+        .collect();
+    let permuted_offset_f32 = params
+        .permutation
+        .iter()
+        .map(|&p| params.global_offset[p as usize])
+        .collect();
 
     Ok(Block {
         dim,
         permutation: Cow::Borrowed(params.permutation),
         global_scale: Cow::Borrowed(params.global_scale),
         global_offset: Cow::Borrowed(params.global_offset),
-        subnet_0_weight: Cow::Borrowed(params.subnet_0_weight),
-        subnet_0_bias: Cow::Borrowed(params.subnet_0_bias),
-        subnet_2_weight: Cow::Borrowed(params.subnet_2_weight),
-        subnet_2_bias: Cow::Borrowed(params.subnet_2_bias),
+        subnet_0_weight: params.subnet_0_weight,
+        subnet_0_bias: params.subnet_0_bias,
+        subnet_2_weight: params.subnet_2_weight,
+        subnet_2_bias: params.subnet_2_bias,
         scale_f32,
         scale_f64,
         log_scale_sum,
+        packed_subnet_2,
+        permuted_scale_f32,
+        permuted_offset_f32,
     })
 }
 
@@ -765,7 +844,7 @@ mod tests {
             FlowError::InvalidClamp { .. }
         ));
         assert_eq!(
-            Flow::new(4, 2, 2.0, Vec::new()).unwrap_err(),
+            Flow::new(4, 2, 2.0, Vec::<BlockParams>::new()).unwrap_err(),
             FlowError::NoBlocks
         );
     }

@@ -27,9 +27,9 @@ pub enum DetectError {
     Mask(SamplingError),
     #[error(transparent)]
     Sampling(SamplingError),
-    #[error("flow: {0}")]
+    #[error(transparent)]
     Flow(#[from] FlowError),
-    #[error("score: {0}")]
+    #[error(transparent)]
     Score(#[from] ScoreError),
     #[error(transparent)]
     Preprocess(#[from] PreprocessError),

@@ -394,12 +394,9 @@ fn decode_loop(
             Ok(true) => {}
             Ok(false) => break,
             Err(error) => {
-                log::error!(
-                    "source {} failed after {} frames: {error}",
-                    source.describe(),
-                    end.decoded
-                );
-                end.source_error = Some(error.to_string());
+                let message = error_chain(&error);
+                log::error!("source {} failed after {} frames: {message}", source.describe(), end.decoded);
+                end.source_error = Some(message);
                 break;
             }
         }
@@ -504,8 +501,9 @@ fn detect_loop(
                 outcome.timings = timings;
             }
             Err(error) => {
-                log::error!("frame {}: {error}", frame.index);
-                outcome.error = Some(error.to_string());
+                let message = error_chain(&error);
+                log::error!("frame {}: {message}", frame.index);
+                outcome.error = Some(message);
             }
         }
         let latency = queued.delivered_at.elapsed();
@@ -640,4 +638,16 @@ fn consume_loop(
         }
     }
     Ok(summary)
+}
+
+/// Formats an error with its chain of causes, `outer: inner: innermost`.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        message.push_str(": ");
+        message.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    message
 }

@@ -121,7 +121,7 @@ pub enum SourceError {
     #[error("{path}: not found; check the path")]
     NotFound { path: PathBuf },
 
-    #[error("failed to read {path}: {source}")]
+    #[error("failed to read {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -164,7 +164,7 @@ pub enum SourceError {
         reason: String,
     },
 
-    #[error("{path}: frame {frame_index}: {source}")]
+    #[error("{path}: frame {frame_index}")]
     Convert {
         path: PathBuf,
         frame_index: u64,
@@ -172,7 +172,7 @@ pub enum SourceError {
         source: ConvertError,
     },
 
-    #[error("{path}: invalid or unsupported image: {source}")]
+    #[error("{path}: invalid or unsupported image")]
     Image {
         path: PathBuf,
         #[source]
@@ -205,7 +205,7 @@ pub enum SourceError {
     #[error("{path}: invalid request: {reason}")]
     InvalidRequest { path: PathBuf, reason: String },
 
-    #[error("camera {path}: {operation} failed: {source}")]
+    #[error("camera {path}: {operation} failed")]
     Camera {
         path: PathBuf,
         operation: &'static str,

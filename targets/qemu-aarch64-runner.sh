@@ -1,0 +1,8 @@
+#!/bin/sh
+# Cargo runner for aarch64-unknown-linux-gnu: runs a cross-built test or binary under
+# qemu-user. The default emulated CPU has SVE, which would hide the NEON code paths, so
+# a Cortex-A72 is emulated unless QEMU_CPU says otherwise. Under qemu, tract reads the
+# host's /proc/cpuinfo, so its kernel family is forced to match the emulated CPU.
+export QEMU_CPU="${QEMU_CPU:-cortex-a72}"
+export TRACT_CPU_AARCH64_KIND="${TRACT_CPU_AARCH64_KIND:-$QEMU_CPU}"
+exec qemu-aarch64 -L /usr/aarch64-linux-gnu ${DAAIN_QEMU_ARGS:-} "$@"
