@@ -1,10 +1,12 @@
 //! Offline tools for daain-edge, on libtorch (`tch`): ESPNet import and ONNX export,
 //! activation recording, flow training, score fitting, threshold calibration and bundle
-//! export.
+//! export, plus frame perturbations and detection metrics for evaluating a bundle.
 
 pub mod espnet;
 pub mod flow;
+pub mod metrics;
 pub mod onnx;
+pub mod perturb;
 pub mod pth;
 pub mod record;
 pub mod training;
