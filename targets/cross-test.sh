@@ -23,4 +23,7 @@ if ! rustup target list --installed | grep -qx "$TARGET"; then
         exit 0
     fi
 fi
-cargo test --target "$TARGET" --no-default-features --lib "$@"
+# The library's unit tests, the flow kernels (NEON under the emulated Cortex-A72, checked
+# against the scalar kernel) and the FrEIA reference vectors.
+cargo test --target "$TARGET" --no-default-features --lib \
+    --test flow_kernels --test reference_vectors "$@"
