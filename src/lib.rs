@@ -13,6 +13,7 @@ pub mod alert;
 pub mod backbone;
 pub mod bundle;
 pub mod config;
+pub mod cpu;
 pub mod flow;
 pub mod pipeline;
 pub mod preprocess;

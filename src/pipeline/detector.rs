@@ -160,6 +160,7 @@ impl<'b> Detector<'b> {
                 .map(|t| t.name.clone())
                 .collect(),
         };
+        crate::cpu::log_capabilities();
         let backbone = Backbone::load(&spec)?;
         backbone.check_taps(&manifest.backbone.taps)?;
 
