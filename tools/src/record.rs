@@ -129,24 +129,3 @@ pub fn augment(frame: &Frame, augmentation: Augmentation) -> Frame {
     }
     out
 }
-
-/// Mirrors a frame top to bottom: an out-of-distribution input used to test detection.
-pub fn vertical_flip(frame: &Frame) -> Frame {
-    let mut out = frame.clone();
-    let stride = frame.width * 3;
-    for y in 0..frame.height {
-        let src = y * stride;
-        let dst = (frame.height - 1 - y) * stride;
-        out.data[dst..dst + stride].copy_from_slice(&frame.data[src..src + stride]);
-    }
-    out
-}
-
-/// Blends a frame towards uniform grey-white haze: `pixel * (1 - density) + 220 * density`.
-pub fn uniform_fog(frame: &Frame, density: f32) -> Frame {
-    let mut out = frame.clone();
-    for v in out.data.iter_mut() {
-        *v = ((*v as f32) * (1.0 - density) + 220.0 * density).round().clamp(0.0, 255.0) as u8;
-    }
-    out
-}

@@ -548,10 +548,10 @@ pub fn export_bundle(
     let scores = FittedScores { hbos, mahalanobis };
 
     let (z_cal, nll_cal) = flow_outputs(flow, &recording.calibration, dim)?;
-    let calibration_scores = scores.evaluate(config.score.kind, &z_cal, &nll_cal, dim)?;
-    let threshold = quantile(&calibration_scores, 1.0 - config.threshold.false_positive_rate);
-
     let (z_test, nll_test) = flow_outputs(flow, &recording.test, dim)?;
+    // Every kind is calibrated the same way so the report can compare them; the
+    // configured kind's threshold goes into the bundle.
+    let mut threshold = f64::NAN;
     let mut test_above_threshold = BTreeMap::new();
     for kind in [
         ScoreKind::Hbos,
@@ -562,6 +562,9 @@ pub fn export_bundle(
     ] {
         let cal = scores.evaluate(kind, &z_cal, &nll_cal, dim)?;
         let kind_threshold = quantile(&cal, 1.0 - config.threshold.false_positive_rate);
+        if kind == config.score.kind {
+            threshold = kind_threshold;
+        }
         let test = scores.evaluate(kind, &z_test, &nll_test, dim)?;
         let above = test.iter().filter(|&&s| s > kind_threshold).count() as f64 / test.len() as f64;
         test_above_threshold.insert(kind.to_string(), above);

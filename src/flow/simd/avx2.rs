@@ -29,10 +29,7 @@ pub fn avx2_fma_coupling_forward_f32(
     subnet_out: &mut [f32],
 ) -> f32 {
     let supported = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-    let lengths_match = input.len() == block.dim
-        && output.len() == block.dim
-        && hidden.len() == block.subnet_0_bias.len()
-        && subnet_out.len() == 2 * block.d2();
+    let lengths_match = super::buffers_match(block, input, output, hidden, subnet_out);
     if !(supported && lengths_match && block.dim <= i32::MAX as usize) {
         return block_forward::<f32>(block, clamp, input, output, hidden, subnet_out);
     }

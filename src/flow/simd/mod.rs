@@ -31,6 +31,7 @@ use std::sync::OnceLock;
 use log::{info, warn};
 
 use super::kernel::{block_forward, BlockForwardFn};
+use super::Block;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -168,6 +169,22 @@ pub fn forward_kernel_f32() -> ForwardKernel {
         }
         kernel
     })
+}
+
+/// Returns whether the buffers have the lengths a block's vector kernel indexes without
+/// further checks. The kernels fall back to the scalar one when they do not.
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
+pub(crate) fn buffers_match(
+    block: &Block<'_>,
+    input: &[f32],
+    output: &[f32],
+    hidden: &[f32],
+    subnet_out: &[f32],
+) -> bool {
+    input.len() == block.dim
+        && output.len() == block.dim
+        && hidden.len() == block.subnet_0_bias.len()
+        && subnet_out.len() == 2 * block.d2()
 }
 
 /// Repacks the second subnet Linear and its bias so that the vector kernels read them

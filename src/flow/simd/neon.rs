@@ -28,10 +28,7 @@ pub fn neon_coupling_forward_f32(
     subnet_out: &mut [f32],
 ) -> f32 {
     let supported = std::arch::is_aarch64_feature_detected!("neon");
-    let lengths_match = input.len() == block.dim
-        && output.len() == block.dim
-        && hidden.len() == block.subnet_0_bias.len()
-        && subnet_out.len() == 2 * block.d2();
+    let lengths_match = super::buffers_match(block, input, output, hidden, subnet_out);
     if !(supported && lengths_match) {
         return block_forward::<f32>(block, clamp, input, output, hidden, subnet_out);
     }
