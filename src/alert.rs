@@ -108,7 +108,7 @@ impl LevelTracker {
     pub fn update(&mut self, anomalous: bool) -> AlertLevel {
         self.resume();
         if self.level == AlertLevel::Error {
-            // The failure said nothing about the input, so the first scored frame after
+            // The failure carries no information about the input, so the first scored frame after
             // it sets the level directly instead of counting towards hysteresis.
             self.level = if anomalous { AlertLevel::Warn } else { AlertLevel::Ok };
             self.run = 0;

@@ -46,7 +46,7 @@ pub enum BackboneError {
     Run(anyhow::Error),
 }
 
-/// What to run: which file, which tensors to read back, at which input size.
+/// Backbone file, tensors to read back and input size.
 #[derive(Debug, Clone)]
 pub struct BackboneSpec {
     pub path: PathBuf,

@@ -155,7 +155,7 @@ pub struct ThresholdManifest {
     pub false_positive_rate: f64,
     /// Number of held-out normal frames used for calibration.
     pub calibration_frames: usize,
-    /// Where the calibration frames came from.
+    /// Source of the calibration frames.
     pub calibration_source: String,
 }
 

@@ -15,7 +15,7 @@ pub enum ChannelOrder {
     Bgr,
 }
 
-/// How frames become the backbone's input: size, channel order and normalisation.
+/// Input convention of the backbone: size, channel order and normalisation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputConvention {

@@ -102,7 +102,7 @@ pub fn poisson_disc(
         return Err(SamplingError::EmptySpace { extent });
     }
 
-    // Background grid with cells of side r / sqrt(3): each cell holds at most one point,
+    // Background grid with cells of side r / sqrt(3): each cell contains at most one point,
     // and a conflicting point lies at most two cells away on each axis.
     let cell = min_distance / 3f64.sqrt();
     let dims: [usize; 3] = std::array::from_fn(|a| (extent[a] as f64 / cell).ceil() as usize);

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Cargo runner for aarch64-unknown-linux-gnu: runs a cross-built test or binary under
 # qemu-user. The default emulated CPU has SVE, which would hide the NEON code paths, so
-# a Cortex-A72 is emulated unless QEMU_CPU says otherwise. Under qemu, tract reads the
+# a Cortex-A72 is emulated unless QEMU_CPU requests another. Under qemu, tract reads the
 # host's /proc/cpuinfo, so its kernel family is forced to match the emulated CPU.
 export QEMU_CPU="${QEMU_CPU:-cortex-a72}"
 export TRACT_CPU_AARCH64_KIND="${TRACT_CPU_AARCH64_KIND:-$QEMU_CPU}"

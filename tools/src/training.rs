@@ -51,7 +51,7 @@ pub struct TrainingConfig {
     pub threshold: ThresholdConfig,
 }
 
-/// Where the frames come from and how they are split.
+/// Training clip, frame split and taps.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
