@@ -2,11 +2,13 @@
 //! a misspelt setting never silently falls back to its default.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::alert::AlertPolicy;
 use crate::pipeline::OverloadPolicy;
+use crate::source::Backoff;
 
 /// Error while reading a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,7 @@ pub struct Config {
     pub detector: DetectorConfig,
     pub alerts: AlertConfig,
     pub pipeline: PipelineConfig,
+    pub camera: CameraConfig,
 }
 
 /// Decision settings.
@@ -86,6 +89,8 @@ pub struct PipelineConfig {
     /// Time without a frame leaving the detector after which the level turns STALE, in
     /// milliseconds.
     pub watchdog_ms: u64,
+    /// Source errors in a row (damaged frames or images) after which the run ends.
+    pub source_error_limit: u32,
 }
 
 impl Default for PipelineConfig {
@@ -95,6 +100,46 @@ impl Default for PipelineConfig {
             overload: None,
             deadline_ms: 200,
             watchdog_ms: 2000,
+            source_error_limit: 10,
+        }
+    }
+}
+
+/// V4L2 camera settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CameraConfig {
+    /// Reopen the camera when it disappears during a run.
+    pub reconnect: bool,
+    /// Delay before the first reopen attempt, in milliseconds; it doubles after each
+    /// failed attempt.
+    pub reconnect_initial_ms: u64,
+    /// Maximum delay between reopen attempts, in milliseconds.
+    pub reconnect_max_ms: u64,
+    /// Failed reopen attempts in a row after which the run ends with an error. Unset:
+    /// retry until the run is stopped.
+    pub reconnect_attempts: Option<u32>,
+}
+
+impl Default for CameraConfig {
+    fn default() -> Self {
+        Self {
+            reconnect: true,
+            reconnect_initial_ms: 100,
+            reconnect_max_ms: 5000,
+            reconnect_attempts: None,
+        }
+    }
+}
+
+impl CameraConfig {
+    /// Returns the backoff these settings describe.
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            initial: Duration::from_millis(self.reconnect_initial_ms),
+            max: Duration::from_millis(self.reconnect_max_ms),
+            factor: 2.0,
+            max_attempts: self.reconnect_attempts,
         }
     }
 }
@@ -165,6 +210,34 @@ impl Config {
                 "use at least 1",
             ));
         }
+        if self.pipeline.source_error_limit == 0 {
+            return Err(invalid(
+                "pipeline.source_error_limit",
+                "0".into(),
+                "use at least 1 (1 ends the run at the first source error)",
+            ));
+        }
+        if self.camera.reconnect_initial_ms == 0 {
+            return Err(invalid(
+                "camera.reconnect_initial_ms",
+                "0".into(),
+                "use at least 1, so a camera that is gone is not polled in a busy loop",
+            ));
+        }
+        if self.camera.reconnect_max_ms < self.camera.reconnect_initial_ms {
+            return Err(invalid(
+                "camera.reconnect_max_ms",
+                self.camera.reconnect_max_ms.to_string(),
+                "use at least camera.reconnect_initial_ms",
+            ));
+        }
+        if self.camera.reconnect_attempts == Some(0) {
+            return Err(invalid(
+                "camera.reconnect_attempts",
+                "0".into(),
+                "use at least 1, or remove the key to retry until stopped",
+            ));
+        }
         Ok(())
     }
 }
@@ -227,6 +300,38 @@ mod tests {
     fn shipped_config_lists_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/default.toml");
         assert_eq!(Config::from_path(&path).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn camera_settings_are_read() {
+        let config = parse(
+            "[camera]\nreconnect = false\nreconnect_initial_ms = 50\n\
+             reconnect_max_ms = 800\nreconnect_attempts = 4\n",
+        )
+        .unwrap();
+        assert!(!config.camera.reconnect);
+        let backoff = config.camera.backoff();
+        assert_eq!(backoff.initial, Duration::from_millis(50));
+        assert_eq!(backoff.max, Duration::from_millis(800));
+        assert_eq!(backoff.max_attempts, Some(4));
+    }
+
+    #[test]
+    fn reconnect_max_below_initial_is_rejected() {
+        let err =
+            parse("[camera]\nreconnect_initial_ms = 500\nreconnect_max_ms = 100\n").unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("camera.reconnect_max_ms"), "{message}");
+        assert!(message.contains("100"), "{message}");
+    }
+
+    #[test]
+    fn zero_source_error_limit_is_rejected() {
+        let err = parse("[pipeline]\nsource_error_limit = 0\n").unwrap_err();
+        assert!(
+            err.to_string().contains("pipeline.source_error_limit"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -28,6 +28,17 @@ pub fn detected_features() -> Vec<&'static str> {
     features
 }
 
+/// Returns the architecture, the SIMD features and the flow kernel on one line, for
+/// reports.
+pub fn describe() -> String {
+    format!(
+        "{} with {}; flow kernel {}",
+        std::env::consts::ARCH,
+        detected_features().join(", "),
+        crate::flow::forward_kernel_f32().name()
+    )
+}
+
 /// Logs at `info` level, once per process, the CPU's architecture and SIMD features and
 /// the flow kernel chosen for them.
 pub fn log_capabilities() {

@@ -7,7 +7,8 @@
 //! activations, [`sampling`] gathers the values at the bundle's blue-noise mask, [`flow`]
 //! maps that vector to a standard normal, [`score`] turns the flow output into an outlier
 //! score, and [`alert`] decides and reports. [`bundle`] loads the trained parameters of
-//! every stage, [`pipeline`] wires the stages into the real-time loop.
+//! every stage, [`pipeline`] wires the stages into the real-time loop, and [`hil`]
+//! replays a clip at camera rate through that loop and reports on it.
 
 pub mod alert;
 pub mod backbone;
@@ -15,6 +16,7 @@ pub mod bundle;
 pub mod config;
 pub mod cpu;
 pub mod flow;
+pub mod hil;
 pub mod pipeline;
 pub mod preprocess;
 pub mod sampling;

@@ -16,7 +16,7 @@ use daain::config::Config;
 use daain::pipeline::{
     Detector, FrameOutcome, OverloadPolicy, Pacing, RunOptions, RunSummary, StopFlag,
 };
-use daain::source::{open_source, SourceOptions, SourceSpec};
+use daain::source::{open_source, FrameSource, Reconnecting, SourceOptions, SourceSpec};
 
 /// Default bundle directory, relative to the working directory.
 const DEFAULT_BUNDLE: &str = "models/default";
@@ -36,6 +36,9 @@ struct Cli {
 enum Command {
     /// Score every frame of a source and report alerts.
     Run(RunArgs),
+    /// Replay a clip at camera rate through the frame loop for a set time, as a
+    /// hardware-in-the-loop benchmark, and write a report (JSON and a latency histogram).
+    BenchHil(BenchHilArgs),
     /// Print a bundle's manifest summary and check its files.
     Inspect {
         /// Bundle directory.
@@ -68,6 +71,10 @@ struct RunArgs {
     /// Write the per-pixel class index (0..19) of every frame as an 8-bit PNG into DIR.
     #[arg(long, value_name = "DIR")]
     segmentation_out: Option<PathBuf>,
+    /// Append every alert as one JSON object per line to FILE (created if missing), for
+    /// an integration to read. A named pipe works too.
+    #[arg(long, value_name = "FILE")]
+    alerts_out: Option<PathBuf>,
     /// Stop after this many frames.
     #[arg(long)]
     max_frames: Option<u64>,
@@ -78,6 +85,28 @@ struct RunArgs {
     realtime: bool,
 }
 
+#[derive(clap::Args)]
+struct BenchHilArgs {
+    /// Video file to replay in a loop.
+    #[arg(long)]
+    video: PathBuf,
+    /// Bundle directory [default: the config's `bundle`, else models/default].
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// TOML configuration file (see configs/default.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Length of the run in seconds of camera time.
+    #[arg(long, default_value_t = 60.0)]
+    seconds: f64,
+    /// Camera rate in frames per second [default: the clip's own rate].
+    #[arg(long)]
+    fps: Option<f64>,
+    /// Directory for report.json and latency.png (created if missing).
+    #[arg(long, value_name = "DIR")]
+    report: PathBuf,
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Stderr)
@@ -85,6 +114,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::BenchHil(args) => bench_hil(args),
         Command::Inspect { bundle } => inspect(&bundle),
     };
     match result {
@@ -124,16 +154,46 @@ fn inspect(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn run(args: RunArgs) -> Result<()> {
-    let config = match &args.config {
+/// Loop settings from the config, for a run with no frame limit and no segmentation.
+fn run_options(
+    config: &Config,
+    overload: OverloadPolicy,
+    pacing: Pacing,
+    stop: StopFlag,
+) -> RunOptions {
+    RunOptions {
+        raise_after: config.alerts.raise_after,
+        clear_after: config.alerts.clear_after,
+        max_frames: None,
+        segment: false,
+        queue_capacity: config.pipeline.queue_capacity,
+        overload,
+        pacing,
+        deadline: Duration::from_millis(config.pipeline.deadline_ms),
+        watchdog: Duration::from_millis(config.pipeline.watchdog_ms),
+        source_error_limit: config.pipeline.source_error_limit,
+        stop,
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config> {
+    Ok(match path {
         Some(path) => Config::from_path(path)?,
         None => Config::default(),
-    };
-    let bundle_dir = args
-        .bundle
-        .clone()
+    })
+}
+
+/// The bundle directory: the option, else the config's `bundle`, else the default.
+fn bundle_dir(option: Option<&PathBuf>, config: &Config) -> PathBuf {
+    option
+        .cloned()
         .or_else(|| config.bundle.clone())
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_BUNDLE));
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_BUNDLE))
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let config = load_config(args.config.as_deref())?;
+    let bundle_dir = bundle_dir(args.bundle.as_ref(), &config);
     let bundle = Bundle::open(&bundle_dir)
         .with_context(|| format!("failed to open bundle {}", bundle_dir.display()))?;
     let mut detector = Detector::new(&bundle, config.detector.threshold)?;
@@ -147,7 +207,8 @@ fn run(args: RunArgs) -> Result<()> {
     } else {
         bail!("no source given: pass --video PATH, --images DIR or --camera DEVICE");
     };
-    let mut source = open_source(&spec, &SourceOptions::default())?;
+    let stop = StopFlag::new();
+    let mut source = open_spec(&spec, &config, &stop)?;
 
     if let Some(dir) = &args.segmentation_out {
         std::fs::create_dir_all(dir).with_context(|| {
@@ -163,27 +224,24 @@ fn run(args: RunArgs) -> Result<()> {
         } else {
             OverloadPolicy::Block
         });
-    let stop = StopFlag::new();
     register_stop_signals(&stop)?;
+    let pacing = if args.realtime {
+        Pacing::Realtime
+    } else {
+        Pacing::AsFastAsPossible
+    };
     let options = RunOptions {
-        raise_after: config.alerts.raise_after,
-        clear_after: config.alerts.clear_after,
         max_frames: args.max_frames,
         segment: args.segmentation_out.is_some(),
-        queue_capacity: config.pipeline.queue_capacity,
-        overload,
-        pacing: if args.realtime {
-            Pacing::Realtime
-        } else {
-            Pacing::AsFastAsPossible
-        },
-        deadline: Duration::from_millis(config.pipeline.deadline_ms),
-        watchdog: Duration::from_millis(config.pipeline.watchdog_ms),
-        stop,
+        ..run_options(&config, overload, pacing, stop)
     };
 
     let (alert_sender, alert_receiver) =
         alert::channel_with_policy(config.alerts.capacity, config.alerts.policy);
+    let mut alert_sink = match &args.alerts_out {
+        Some(path) => Some(AlertSink::open(path)?),
+        None => None,
+    };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut received_alerts = 0u64;
@@ -202,6 +260,9 @@ fn run(args: RunArgs) -> Result<()> {
         for alert in alert_receiver.try_iter() {
             received_alerts += 1;
             log_alert(&alert);
+            if let Some(sink) = alert_sink.as_mut() {
+                sink.write(&alert)?;
+            }
         }
         Ok(())
     };
@@ -216,13 +277,138 @@ fn run(args: RunArgs) -> Result<()> {
     for alert in alert_receiver.try_iter() {
         received_alerts += 1;
         log_alert(&alert);
+        if let Some(sink) = alert_sink.as_mut() {
+            sink.write(&alert)?;
+        }
     }
     // The summary is the result of the run, so it is printed whatever the log level.
     eprintln!("summary: {summary} alerts_received={received_alerts}");
     if let Some(error) = summary.source_error {
-        bail!("source failed after {} frames: {error}", summary.decoded);
+        bail!(
+            "the source failed {} time(s) and delivered {} frames; last error: {error}",
+            summary.source_errors,
+            summary.decoded
+        );
     }
     Ok(())
+}
+
+fn bench_hil(args: BenchHilArgs) -> Result<()> {
+    if !(args.seconds.is_finite() && args.seconds > 0.0) {
+        bail!(
+            "--seconds {} is invalid; pass a positive number",
+            args.seconds
+        );
+    }
+    let config = load_config(args.config.as_deref())?;
+    let bundle_dir = bundle_dir(args.bundle.as_ref(), &config);
+    let bundle = Bundle::open(&bundle_dir)
+        .with_context(|| format!("failed to open bundle {}", bundle_dir.display()))?;
+    let mut detector = Detector::new(&bundle, config.detector.threshold)?;
+
+    let spec = SourceSpec::Video(args.video.clone());
+    let open: daain::hil::OpenClip =
+        Box::new(move || open_source(&spec, &SourceOptions::default()));
+    let probe = open_source(
+        &SourceSpec::Video(args.video.clone()),
+        &SourceOptions::default(),
+    )?;
+    let frame_rate = match (args.fps, probe.nominal_frame_rate()) {
+        (Some(fps), _) => fps,
+        (None, Some(rate)) => rate,
+        (None, None) => bail!(
+            "{} declares no frame rate; pass --fps",
+            args.video.display()
+        ),
+    };
+    drop(probe);
+    let mut source = daain::hil::LoopingReplay::open(open, frame_rate)?;
+    std::fs::create_dir_all(&args.report).with_context(|| {
+        format!(
+            "failed to create report directory {}",
+            args.report.display()
+        )
+    })?;
+
+    let stop = StopFlag::new();
+    register_stop_signals(&stop)?;
+    let requested = Duration::from_secs_f64(args.seconds);
+    let frames = (args.seconds * frame_rate).ceil() as u64;
+    let overload = config
+        .pipeline
+        .overload
+        .unwrap_or(OverloadPolicy::DropOldest);
+    let options = RunOptions {
+        max_frames: Some(frames),
+        ..run_options(&config, overload, Pacing::Realtime, stop)
+    };
+    let (alert_sender, alert_receiver) =
+        alert::channel_with_policy(config.alerts.capacity, config.alerts.policy);
+    let mut samples = daain::hil::StageSamples::with_capacity(frames as usize);
+    let mut alerts_received = 0u64;
+    let started = std::time::Instant::now();
+    let summary = daain::pipeline::run(
+        &mut source,
+        &mut detector,
+        &alert_sender,
+        &options,
+        &mut |outcome: &FrameOutcome, _| {
+            samples.push(outcome);
+            alerts_received += alert_receiver.try_iter().count() as u64;
+            Ok(())
+        },
+    )?;
+    alerts_received += alert_receiver.try_iter().count() as u64;
+    let elapsed = started.elapsed();
+    let latencies = samples.latencies().to_vec();
+
+    let report = daain::hil::HilReport::new(
+        args.video.display().to_string(),
+        bundle_dir.display().to_string(),
+        frame_rate,
+        requested,
+        elapsed,
+        source.passes(),
+        options.deadline,
+        summary,
+        alerts_received,
+        samples,
+    );
+    let json_path = args.report.join("report.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("failed to write {}", json_path.display()))?;
+    let png_path = args.report.join("latency.png");
+    daain::hil::write_latency_histogram(
+        &png_path,
+        &latencies,
+        report.deadline_ms,
+        &format!(
+            "daain bench-hil: {} frames at {frame_rate} fps, p50 {:.1} ms, p99 {:.1} ms",
+            report.summary.scored, report.stages["latency"].p50_ms, report.stages["latency"].p99_ms
+        ),
+    )?;
+    eprint!("{}", report.text());
+    eprintln!("report: {} and {}", json_path.display(), png_path.display());
+    if let Some(error) = &report.summary.source_error {
+        bail!(
+            "the source failed {} time(s); last error: {error}",
+            report.summary.source_errors
+        );
+    }
+    Ok(())
+}
+
+/// Opens the source; a camera is wrapped so that it is reopened when it disappears,
+/// unless the config turns that off.
+fn open_spec(spec: &SourceSpec, config: &Config, stop: &StopFlag) -> Result<Box<dyn FrameSource>> {
+    let options = SourceOptions::default();
+    if !matches!(spec, SourceSpec::Camera(_)) || !config.camera.reconnect {
+        return Ok(open_source(spec, &options)?);
+    }
+    let spec = spec.clone();
+    let open = Box::new(move || open_source(&spec, &options));
+    let source = Reconnecting::open(open, config.camera.backoff(), stop.as_atomic())?;
+    Ok(Box::new(source))
 }
 
 /// Makes SIGINT and SIGTERM request a clean stop: the source is closed, the frames
@@ -239,6 +425,43 @@ fn register_stop_signals(stop: &StopFlag) -> Result<()> {
             .with_context(|| format!("failed to install the handler for signal {signal}"))?;
     }
     Ok(())
+}
+
+/// JSON-lines file that receives every alert, flushed after each one so a reader sees
+/// it at once.
+struct AlertSink {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+}
+
+impl AlertSink {
+    fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("failed to open the alert file {}", path.display()))?;
+        Ok(Self {
+            path: path.to_owned(),
+            file: std::io::BufWriter::new(file),
+        })
+    }
+
+    fn write(&mut self, alert: &Alert) -> Result<()> {
+        let line = serde_json::json!({
+            "frame": alert.frame,
+            "time_s": alert.timestamp.as_secs_f64(),
+            "level": alert.level,
+            "score": alert.score,
+            "threshold": alert.threshold,
+            "message": alert.message,
+        });
+        serde_json::to_writer(&mut self.file, &line)?;
+        writeln!(self.file)?;
+        self.file
+            .flush()
+            .with_context(|| format!("failed to write the alert file {}", self.path.display()))
+    }
 }
 
 fn log_alert(alert: &Alert) {

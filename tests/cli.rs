@@ -50,10 +50,18 @@ fn json_output_has_one_object_per_frame() {
         let path = segmentation.join(format!("{i:06}.png"));
         let image = image::open(&path).unwrap().to_luma8();
         assert_eq!(image.dimensions(), (512, 256));
-        assert!(image.pixels().all(|p| p.0[0] < 20), "class index out of range in {}", path.display());
+        assert!(
+            image.pixels().all(|p| p.0[0] < 20),
+            "class index out of range in {}",
+            path.display()
+        );
         // A highway frame: road (class 0) covers a good part of the image.
         let road = image.pixels().filter(|p| p.0[0] == 0).count();
-        assert!(road > 512 * 256 / 10, "only {road} road pixels in {}", path.display());
+        assert!(
+            road > 512 * 256 / 10,
+            "only {road} road pixels in {}",
+            path.display()
+        );
     }
 }
 
@@ -61,14 +69,20 @@ fn json_output_has_one_object_per_frame() {
 fn missing_video_is_named() {
     let output = daain(&["run", "--video", "data/footage/no-such-clip.mp4"]);
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("no-such-clip.mp4"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("no-such-clip.mp4"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
 fn corrupt_video_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("noise.mp4");
-    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let bytes: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     std::fs::write(&path, bytes).unwrap();
     let output = daain(&["run", "--video", path.to_str().unwrap(), "--json"]);
     assert!(!output.status.success());
@@ -90,7 +104,11 @@ fn unknown_config_key_is_named() {
         path.to_str().unwrap(),
     ]);
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("threshhold"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("threshhold"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -173,7 +191,10 @@ fn summary_counts_every_frame() {
     let message = stderr(&output);
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert_eq!(stdout.lines().count(), 5, "{stdout}");
-    assert!(message.contains("summary: decoded=5 scored=5 dropped=0"), "{message}");
+    assert!(
+        message.contains("summary: decoded=5 scored=5 dropped=0"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -208,7 +229,10 @@ fn sigterm_stops_realtime_run_cleanly() {
     let mut line = String::new();
     for _ in 0..3 {
         line.clear();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "stdout ended early");
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "stdout ended early"
+        );
         lines.push(line.trim_end().to_owned());
     }
     let status = Command::new("kill")
@@ -223,13 +247,20 @@ fn sigterm_stops_realtime_run_cleanly() {
     let message = stderr_reader.join().unwrap();
     assert!(exit.success(), "exit {exit:?}: {message}");
 
-    assert!(lines.len() < 221, "the run was not stopped: {} frames", lines.len());
+    assert!(
+        lines.len() < 221,
+        "the run was not stopped: {} frames",
+        lines.len()
+    );
     let mut previous = None;
     for line in &lines {
         let value: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("incomplete JSON line {line:?}: {e}"));
         let frame = value["frame"].as_u64().expect("frame is a number");
-        assert!(previous.is_none_or(|p| p < frame), "frame {frame} after {previous:?}");
+        assert!(
+            previous.is_none_or(|p| p < frame),
+            "frame {frame} after {previous:?}"
+        );
         previous = Some(frame);
     }
     assert!(message.contains("stopped=true"), "{message}");
@@ -239,4 +270,66 @@ fn sigterm_stops_realtime_run_cleanly() {
         lines.len()
     );
     assert!(!message.contains("panicked"), "{message}");
+}
+
+#[test]
+fn damaged_still_is_skipped_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        repo_path("data/footage/solidWhiteCurve.jpg"),
+        dir.path().join("a.jpg"),
+    )
+    .unwrap();
+    // A JPEG cut off after its first kilobyte.
+    let bytes = std::fs::read(repo_path("data/footage/solidYellowCurve.jpg")).unwrap();
+    std::fs::write(dir.path().join("b.jpg"), &bytes[..1024]).unwrap();
+    std::fs::copy(
+        repo_path("data/footage/whiteCarLaneSwitch.jpg"),
+        dir.path().join("c.jpg"),
+    )
+    .unwrap();
+
+    let output = daain(&["run", "--images", dir.path().to_str().unwrap(), "--json"]);
+    assert!(!output.status.success(), "a lost frame must fail the run");
+    let stdout = String::from_utf8(output.stdout.clone()).unwrap();
+    let frames: Vec<u64> = stdout
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["frame"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(frames.len(), 2, "both intact stills are scored: {stdout}");
+    let message = stderr(&output);
+    assert!(message.contains("b.jpg"), "{message}");
+    assert!(message.contains("source_errors=1"), "{message}");
+}
+
+#[test]
+fn alerts_out_writes_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alerts.jsonl");
+    // Every frame of the pedestrian clip is out of distribution for the dashcam bundle.
+    let output = daain(&[
+        "run",
+        "--video",
+        "data/footage/vtest.avi",
+        "--max-frames",
+        "3",
+        "--alerts-out",
+        path.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let alerts: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(alerts.len(), 3, "one alert per anomalous frame: {text}");
+    for (i, alert) in alerts.iter().enumerate() {
+        assert_eq!(alert["frame"], i as u64, "{text}");
+        assert_eq!(alert["level"], "WARN", "{text}");
+        assert!(alert["score"].as_f64().unwrap() > alert["threshold"].as_f64().unwrap());
+    }
 }

@@ -47,10 +47,12 @@ fn frame_indices(outcomes: &[FrameOutcome]) -> Vec<u64> {
     outcomes.iter().map(|o| o.frame).collect()
 }
 
-/// Wraps a real source and returns a decode error in place of frame `fail_at`.
+/// Wraps a real source and returns a decode error in place of each of the `failures`
+/// frames from `fail_at` on.
 struct FailingSource {
     inner: Box<dyn FrameSource>,
     fail_at: u64,
+    failures: u64,
 }
 
 impl FrameSource for FailingSource {
@@ -59,7 +61,7 @@ impl FrameSource for FailingSource {
         if !self.inner.next_frame(&mut next)? {
             return Ok(false);
         }
-        if next.index == self.fail_at {
+        if (self.fail_at..self.fail_at + self.failures).contains(&next.index) {
             return Err(SourceError::Decode {
                 path: repo_path("data/footage/solidWhiteRight.mp4"),
                 frame_index: next.index,
@@ -177,28 +179,91 @@ fn tiny_deadline_counts_every_miss() {
 }
 
 #[test]
-fn source_error_keeps_earlier_frames() {
+fn source_error_skips_damaged_frame() {
     let bundle = bundle();
     let mut detector = Detector::new(&bundle, None).unwrap();
     let (alerts, _receiver) = alert::channel(1000);
     let mut source = FailingSource {
         inner: clip(),
         fail_at: 5,
+        failures: 1,
+    };
+    let options = RunOptions {
+        max_frames: Some(8),
+        ..RunOptions::default()
     };
     let (summary, outcomes) = run_collecting(
         &mut source,
         &mut detector,
         &alerts,
-        &RunOptions::default(),
+        &options,
         Duration::ZERO,
     );
-    assert_eq!(frame_indices(&outcomes), vec![0, 1, 2, 3, 4]);
+    assert_eq!(frame_indices(&outcomes), vec![0, 1, 2, 3, 4, 6, 7, 8]);
     assert!(outcomes.iter().all(|o| o.error.is_none()));
-    assert_eq!(summary.decoded, 5);
-    assert_eq!(summary.scored, 5);
+    assert_eq!(summary.decoded, 8);
+    assert_eq!(summary.scored, 8);
+    assert_eq!(summary.source_errors, 1);
     let error = summary.source_error.expect("the source error is reported");
     assert!(error.contains("frame 5"), "{error}");
     assert!(error.contains("injected failure"), "{error}");
+}
+
+#[test]
+fn source_error_limit_ends_run() {
+    let bundle = bundle();
+    let mut detector = Detector::new(&bundle, None).unwrap();
+    let (alerts, _receiver) = alert::channel(1000);
+    let mut source = FailingSource {
+        inner: clip(),
+        fail_at: 5,
+        failures: 100,
+    };
+    let options = RunOptions {
+        source_error_limit: 3,
+        ..RunOptions::default()
+    };
+    let (summary, outcomes) = run_collecting(
+        &mut source,
+        &mut detector,
+        &alerts,
+        &options,
+        Duration::ZERO,
+    );
+    assert_eq!(frame_indices(&outcomes), vec![0, 1, 2, 3, 4]);
+    assert_eq!(summary.decoded, 5);
+    assert_eq!(summary.scored, 5);
+    assert_eq!(summary.source_errors, 3);
+    let error = summary
+        .source_error
+        .expect("the last source error is reported");
+    assert!(error.contains("frame 7"), "{error}");
+}
+
+#[test]
+fn source_error_limit_one_stops_at_first() {
+    let bundle = bundle();
+    let mut detector = Detector::new(&bundle, None).unwrap();
+    let (alerts, _receiver) = alert::channel(1000);
+    let mut source = FailingSource {
+        inner: clip(),
+        fail_at: 5,
+        failures: 1,
+    };
+    let options = RunOptions {
+        source_error_limit: 1,
+        ..RunOptions::default()
+    };
+    let (summary, outcomes) = run_collecting(
+        &mut source,
+        &mut detector,
+        &alerts,
+        &options,
+        Duration::ZERO,
+    );
+    assert_eq!(frame_indices(&outcomes), vec![0, 1, 2, 3, 4]);
+    assert_eq!(summary.source_errors, 1);
+    assert!(summary.source_error.is_some());
 }
 
 #[test]

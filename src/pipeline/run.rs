@@ -106,6 +106,10 @@ pub struct RunOptions {
     pub deadline: Duration,
     /// Time without a frame leaving the detector after which the level turns STALE.
     pub watchdog: Duration,
+    /// Source errors in a row after which the run ends. Below it, the frame that failed
+    /// is counted in [`RunSummary::source_errors`] and the run reads the next one. `1`
+    /// ends the run at the first error.
+    pub source_error_limit: u32,
     pub stop: StopFlag,
 }
 
@@ -121,6 +125,7 @@ impl Default for RunOptions {
             pacing: Pacing::AsFastAsPossible,
             deadline: Duration::from_millis(200),
             watchdog: Duration::from_millis(2000),
+            source_error_limit: 10,
             stop: StopFlag::new(),
         }
     }
@@ -150,7 +155,11 @@ pub struct RunSummary {
     pub alerts_undelivered: u64,
     /// Whether the run ended because a stop was requested.
     pub stopped: bool,
-    /// The source error that ended the run early, if any.
+    /// Errors the source returned, each in place of a frame that was lost (a damaged
+    /// frame or image). They are not part of `decoded`.
+    pub source_errors: u64,
+    /// The last source error, if any. When `source_errors` reached the run's
+    /// `source_error_limit` in a row, this error ended the run.
     pub source_error: Option<String>,
 }
 
@@ -158,11 +167,12 @@ impl std::fmt::Display for RunSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "decoded={} scored={} dropped={} anomalous={} failed={} deadline_misses={} \
-             stalls={} alerts_sent={} alerts_undelivered={} stopped={}",
+            "decoded={} scored={} dropped={} source_errors={} anomalous={} failed={} \
+             deadline_misses={} stalls={} alerts_sent={} alerts_undelivered={} stopped={}",
             self.decoded,
             self.scored,
             self.dropped,
+            self.source_errors,
             self.anomalous,
             self.failed,
             self.deadline_misses,
@@ -193,6 +203,7 @@ struct DecodeEnd {
     decoded: u64,
     dropped: u64,
     stopped: bool,
+    source_errors: u64,
     source_error: Option<String>,
 }
 
@@ -245,8 +256,10 @@ const STOP_POLL: Duration = Duration::from_millis(20);
 /// frame whose level is not OK, one when the level returns to OK, one STALE alert per
 /// stall and one when frames resume after it.
 ///
-/// A source error ends the run and is returned in the summary, after every frame before
-/// it was scored and reported. An error from `on_frame` stops the run and is returned.
+/// A source error costs the frame it replaces: it is counted in the summary and the run
+/// reads on, until `source_error_limit` errors in a row end it. Every frame before the
+/// last error is scored and reported either way. An error from `on_frame` stops the run
+/// and is returned.
 pub fn run(
     source: &mut dyn FrameSource,
     detector: &mut Detector<'_>,
@@ -344,6 +357,7 @@ pub fn run(
     summary.decoded = decode_end.decoded;
     summary.dropped = decode_end.dropped;
     summary.stopped = decode_end.stopped;
+    summary.source_errors = decode_end.source_errors;
     summary.source_error = decode_end.source_error;
     summary.alerts_sent = alerts.sent() - alerts_sent_before;
     summary.alerts_undelivered = alerts.dropped() - alerts_dropped_before;
@@ -371,6 +385,7 @@ fn decode_loop(
     // Monotonic time and source timestamp of the first frame, the origin of the pacing.
     let mut pacing_origin: Option<(Instant, Duration)> = None;
     let mut spare: Option<Frame> = None;
+    let mut consecutive_errors = 0u32;
     loop {
         if options.stop.is_stop_requested() {
             log::info!(
@@ -391,13 +406,34 @@ fn decode_loop(
             .or_else(|| spare_frames.try_recv().ok())
             .unwrap_or_default();
         match source.next_frame(&mut frame) {
-            Ok(true) => {}
+            Ok(true) => consecutive_errors = 0,
             Ok(false) => break,
             Err(error) => {
                 let message = error_chain(&error);
-                log::error!("source {} failed after {} frames: {message}", source.describe(), end.decoded);
+                end.source_errors += 1;
+                consecutive_errors += 1;
+                let give_up = consecutive_errors >= options.source_error_limit;
+                if give_up {
+                    log::error!(
+                        "source {} failed {consecutive_errors} times in a row after {} \
+                         frames, giving up: {message}",
+                        source.describe(),
+                        end.decoded
+                    );
+                } else {
+                    log::error!(
+                        "source {} failed after {} frames, skipping to the next frame: \
+                         {message}",
+                        source.describe(),
+                        end.decoded
+                    );
+                }
                 end.source_error = Some(message);
-                break;
+                spare = Some(frame);
+                if give_up {
+                    break;
+                }
+                continue;
             }
         }
         end.decoded += 1;

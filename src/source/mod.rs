@@ -19,6 +19,7 @@ pub mod camera;
 pub mod convert;
 pub mod images;
 pub mod raw;
+pub mod reconnect;
 #[cfg(feature = "ffmpeg")]
 pub mod video;
 
@@ -31,6 +32,7 @@ pub use camera::{CameraPixelFormat, CameraRequest, CaptureConverter};
 pub use convert::ConvertError;
 pub use images::ImageSequence;
 pub use raw::RawFrames;
+pub use reconnect::{Backoff, ReconnectStats, Reconnecting};
 #[cfg(feature = "ffmpeg")]
 pub use video::VideoFile;
 
@@ -238,6 +240,40 @@ pub enum SourceError {
         path: PathBuf,
         feature: &'static str,
     },
+
+    #[error(
+        "{description}: device lost and not reopened after {attempts} attempts; \
+         check the cable and the driver, or raise `camera.reconnect_attempts`"
+    )]
+    ReconnectFailed {
+        description: String,
+        attempts: u32,
+        #[source]
+        source: Box<SourceError>,
+    },
+}
+
+/// `errno` values with which V4L2 calls fail once the device is unplugged or its driver
+/// was unbound: ENODEV (19), ENXIO (6), EIO (5) and ESHUTDOWN (108), from the Linux
+/// kernel's include/uapi/asm-generic/errno-base.h and errno.h.
+const DEVICE_LOST_ERRNOS: [i32; 4] = [19, 6, 5, 108];
+
+impl SourceError {
+    /// Whether the error means the capture device went away (unplugged, powered off,
+    /// driver reset), so reopening it later may succeed. A damaged frame or a
+    /// configuration error is not a lost device.
+    pub fn is_device_lost(&self) -> bool {
+        match self {
+            Self::Camera { source, .. } => {
+                source.kind() == std::io::ErrorKind::NotFound
+                    || source
+                        .raw_os_error()
+                        .is_some_and(|code| DEVICE_LOST_ERRNOS.contains(&code))
+            }
+            Self::NotFound { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// Settings of the sources that [`open_source`] can create.
