@@ -8,6 +8,14 @@ use serde::Deserialize;
 use crate::alert::AlertPolicy;
 use crate::pipeline::OverloadPolicy;
 
+/// Maximum `alerts.capacity`. The alert channel allocates every slot when it is created,
+/// so a larger value would only risk running out of memory at start.
+pub const MAX_ALERT_CAPACITY: usize = 65_536;
+
+/// Maximum `pipeline.queue_capacity`. The frame queue allocates every slot when it is
+/// created, and every queued frame adds a frame period of latency.
+pub const MAX_QUEUE_CAPACITY: usize = 1024;
+
 /// Error while reading a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -135,8 +143,12 @@ impl Config {
                 ));
             }
         }
-        if self.alerts.capacity == 0 {
-            return Err(invalid("alerts.capacity", "0".into(), "use at least 1"));
+        if !(1..=MAX_ALERT_CAPACITY).contains(&self.alerts.capacity) {
+            return Err(invalid(
+                "alerts.capacity",
+                self.alerts.capacity.to_string(),
+                "use a value from 1 to 65536",
+            ));
         }
         if self.alerts.raise_after == 0 {
             return Err(invalid("alerts.raise_after", "0".into(), "use at least 1"));
@@ -144,11 +156,11 @@ impl Config {
         if self.alerts.clear_after == 0 {
             return Err(invalid("alerts.clear_after", "0".into(), "use at least 1"));
         }
-        if self.pipeline.queue_capacity == 0 {
+        if !(1..=MAX_QUEUE_CAPACITY).contains(&self.pipeline.queue_capacity) {
             return Err(invalid(
                 "pipeline.queue_capacity",
-                "0".into(),
-                "use at least 1",
+                self.pipeline.queue_capacity.to_string(),
+                "use a value from 1 to 1024",
             ));
         }
         if self.pipeline.deadline_ms == 0 {
@@ -227,6 +239,15 @@ mod tests {
     fn shipped_config_lists_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/default.toml");
         assert_eq!(Config::from_path(&path).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn huge_capacities_are_rejected() {
+        let err = parse("[alerts]\ncapacity = 1000000000000\n").unwrap_err();
+        assert!(err.to_string().contains("alerts.capacity"), "{err}");
+        assert!(err.to_string().contains("1000000000000"), "{err}");
+        let err = parse("[pipeline]\nqueue_capacity = 4096\n").unwrap_err();
+        assert!(err.to_string().contains("pipeline.queue_capacity"), "{err}");
     }
 
     #[test]
