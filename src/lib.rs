@@ -15,6 +15,8 @@ pub mod bundle;
 pub mod config;
 pub mod cpu;
 pub mod flow;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod pipeline;
 pub mod preprocess;
 pub mod sampling;
