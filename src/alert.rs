@@ -161,6 +161,13 @@ impl LevelTracker {
     }
 }
 
+/// Returns whether a frame whose level went from `previous` to `current` sends an alert:
+/// every frame whose level is not OK does, and so does the frame on which it returns to
+/// OK.
+pub fn alert_due(previous: AlertLevel, current: AlertLevel) -> bool {
+    current != AlertLevel::Ok || previous != AlertLevel::Ok
+}
+
 /// Sending half of the alert channel, with counts of the alerts passed to it and of
 /// those lost because the channel was full or closed.
 #[derive(Debug, Clone)]

@@ -18,8 +18,9 @@
 //! file named instead of being read as weights.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -181,14 +182,119 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// A memory-mapped bundle file whose hash has been checked.
-pub struct MappedFile {
-    path: PathBuf,
-    map: Mmap,
+/// Parses `manifest.json` and checks what can be checked without the other files: format,
+/// version, file names, and that the mask and the flow agree on the dimension.
+fn parse_manifest(text: &[u8], path: &Path) -> Result<Manifest, BundleError> {
+    let invalid = |message: String| BundleError::Manifest {
+        path: path.to_owned(),
+        message,
+    };
+    let manifest: Manifest = serde_json::from_slice(text).map_err(|e| invalid(e.to_string()))?;
+    if manifest.format != FORMAT {
+        return Err(invalid(format!(
+            "format is {:?}, expected {FORMAT:?}",
+            manifest.format
+        )));
+    }
+    if manifest.format_version != FORMAT_VERSION {
+        return Err(invalid(format!(
+            "format version {} is not supported by this runtime (it reads version \
+             {FORMAT_VERSION}); re-export the bundle with a matching daain-tools",
+            manifest.format_version
+        )));
+    }
+    for entry in [
+        &manifest.backbone.file,
+        &manifest.mask.file,
+        &manifest.flow.file,
+        &manifest.score.file,
+    ] {
+        // A bundle is copied as one directory, so a name that leaves it (an absolute path
+        // or `..`) would read a file that is not part of the bundle.
+        let inside = !entry.file.is_empty()
+            && Path::new(&entry.file)
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)));
+        if !inside {
+            return Err(invalid(format!(
+                "file name {:?} is not a relative path inside the bundle directory",
+                entry.file
+            )));
+        }
+    }
+    if manifest.mask.points != manifest.flow.dim {
+        return Err(invalid(format!(
+            "mask has {} points but the flow dimension is {}",
+            manifest.mask.points, manifest.flow.dim
+        )));
+    }
+    check_input(&manifest.input).map_err(invalid)?;
+    Ok(manifest)
 }
 
-impl MappedFile {
-    fn open(dir: &Path, entry: &FileEntry) -> Result<Self, BundleError> {
+/// Checks the input convention, which the preprocessor divides by and sizes its tables
+/// with.
+fn check_input(input: &InputConvention) -> Result<(), String> {
+    if input.height == 0 || input.width == 0 {
+        return Err(format!(
+            "input size {}x{} is empty",
+            input.width, input.height
+        ));
+    }
+    if let Some(channel) = (0..3).find(|&c| !input.mean[c].is_finite()) {
+        return Err(format!(
+            "input.mean[{channel}] = {} is not finite",
+            input.mean[channel]
+        ));
+    }
+    if let Some(channel) = (0..3).find(|&c| !(input.std[c].is_finite() && input.std[c] > 0.0)) {
+        return Err(format!(
+            "input.std[{channel}] = {} is invalid: use a finite value above 0",
+            input.std[channel]
+        ));
+    }
+    if !(input.scale.is_finite() && input.scale != 0.0) {
+        return Err(format!(
+            "input.scale = {} is invalid: use a finite non-zero value",
+            input.scale
+        ));
+    }
+    Ok(())
+}
+
+/// The bytes of a bundle file: memory-mapped from disk, or an in-memory copy aligned to
+/// 8 bytes so that tensor data can be borrowed as `f32`, `f64` and `u32` as from a map.
+enum FileBytes {
+    Mapped(Mmap),
+    Owned { words: Vec<u64>, len: usize },
+}
+
+impl FileBytes {
+    fn copy_aligned(bytes: &[u8]) -> Self {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Self::Owned {
+            words,
+            len: bytes.len(),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Mapped(map) => map,
+            Self::Owned { words, len } => &bytemuck::cast_slice(words)[..*len],
+        }
+    }
+}
+
+/// A bundle file whose hash has been checked, memory-mapped or held in memory.
+pub struct BundleFile {
+    path: PathBuf,
+    bytes: FileBytes,
+}
+
+impl BundleFile {
+    fn map(dir: &Path, entry: &FileEntry) -> Result<Self, BundleError> {
         let path = dir.join(&entry.file);
         let file = File::open(&path).map_err(|source| BundleError::Io {
             path: path.clone(),
@@ -201,7 +307,12 @@ impl MappedFile {
             path: path.clone(),
             source,
         })?;
-        let actual = sha256_hex(&map);
+        Self::checked(path, FileBytes::Mapped(map), entry)
+    }
+
+    /// Checks the bytes against the manifest's hash before anything parses them.
+    fn checked(path: PathBuf, bytes: FileBytes, entry: &FileEntry) -> Result<Self, BundleError> {
+        let actual = sha256_hex(bytes.as_slice());
         if actual != entry.sha256.to_ascii_lowercase() {
             return Err(BundleError::Hash {
                 path,
@@ -209,7 +320,7 @@ impl MappedFile {
                 expected: entry.sha256.clone(),
             });
         }
-        Ok(Self { path, map })
+        Ok(Self { path, bytes })
     }
 
     pub fn path(&self) -> &Path {
@@ -217,12 +328,12 @@ impl MappedFile {
     }
 
     pub fn bytes(&self) -> &[u8] {
-        &self.map
+        self.bytes.as_slice()
     }
 
     /// Parses the file as safetensors.
     pub fn tensors(&self) -> Result<Tensors<'_>, BundleError> {
-        let inner = SafeTensors::deserialize(&self.map).map_err(|e| BundleError::Tensors {
+        let inner = SafeTensors::deserialize(self.bytes()).map_err(|e| BundleError::Tensors {
             path: self.path.clone(),
             message: e.to_string(),
         })?;
@@ -333,68 +444,74 @@ where
     )
 }
 
-/// An opened bundle: the manifest plus its memory-mapped, hash-checked files.
+/// An opened bundle: the manifest plus its hash-checked files.
 pub struct Bundle {
     dir: PathBuf,
     manifest: Manifest,
-    mask: MappedFile,
-    flow: MappedFile,
-    score: MappedFile,
+    mask: BundleFile,
+    flow: BundleFile,
+    score: BundleFile,
 }
 
 impl Bundle {
-    /// Opens a bundle directory, checking format version and every file's hash.
+    /// Opens a bundle directory, checking format version and every file's hash. The
+    /// weight files are memory-mapped.
     pub fn open(dir: &Path) -> Result<Self, BundleError> {
         if !dir.is_dir() {
             return Err(BundleError::MissingDirectory(dir.to_owned()));
         }
         let manifest_path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&manifest_path).map_err(|source| BundleError::Io {
+        let text = std::fs::read(&manifest_path).map_err(|source| BundleError::Io {
             path: manifest_path.clone(),
             source,
         })?;
-        let manifest: Manifest =
-            serde_json::from_str(&text).map_err(|e| BundleError::Manifest {
-                path: manifest_path.clone(),
-                message: e.to_string(),
-            })?;
-        let invalid = |message: String| BundleError::Manifest {
-            path: manifest_path.clone(),
-            message,
-        };
-        if manifest.format != FORMAT {
-            return Err(invalid(format!(
-                "format is {:?}, expected {FORMAT:?}",
-                manifest.format
-            )));
-        }
-        if manifest.format_version != FORMAT_VERSION {
-            return Err(invalid(format!(
-                "format version {} is not supported by this runtime (it reads version \
-                 {FORMAT_VERSION}); re-export the bundle with a matching daain-tools",
-                manifest.format_version
-            )));
-        }
-        if manifest.mask.points != manifest.flow.dim {
-            return Err(invalid(format!(
-                "mask has {} points but the flow dimension is {}",
-                manifest.mask.points, manifest.flow.dim
-            )));
-        }
-
-        let backbone_path = dir.join(&manifest.backbone.file.file);
-        let backbone = MappedFile::open(dir, &manifest.backbone.file)?;
+        let manifest = parse_manifest(&text, &manifest_path)?;
+        let backbone = BundleFile::map(dir, &manifest.backbone.file)?;
         drop(backbone);
-        log::debug!("bundle backbone {} hash checked", backbone_path.display());
-        let mask = MappedFile::open(dir, &manifest.mask.file)?;
-        let flow = MappedFile::open(dir, &manifest.flow.file)?;
-        let score = MappedFile::open(dir, &manifest.score.file)?;
+        log::debug!(
+            "bundle backbone {} hash checked",
+            dir.join(&manifest.backbone.file.file).display()
+        );
         Ok(Self {
             dir: dir.to_owned(),
+            mask: BundleFile::map(dir, &manifest.mask.file)?,
+            flow: BundleFile::map(dir, &manifest.flow.file)?,
+            score: BundleFile::map(dir, &manifest.score.file)?,
             manifest,
-            mask,
-            flow,
-            score,
+        })
+    }
+
+    /// Opens a bundle from the bytes of its files, with the same checks as
+    /// [`Bundle::open`]. `files` maps each file name of the manifest to its contents, and
+    /// the bytes are copied.
+    ///
+    /// `dir` names the bundle in error messages and is the directory that
+    /// [`Bundle::backbone_path`] resolves against: [`crate::pipeline::Detector`] loads the
+    /// backbone from that file, so its bytes here are only hash-checked.
+    pub fn from_memory(
+        dir: &Path,
+        manifest: &[u8],
+        files: &HashMap<String, Vec<u8>>,
+    ) -> Result<Self, BundleError> {
+        let manifest = parse_manifest(manifest, &dir.join(MANIFEST_FILE))?;
+        let load = |entry: &FileEntry| {
+            let path = dir.join(&entry.file);
+            let bytes = files.get(&entry.file).ok_or_else(|| BundleError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file among the bundle's in-memory files",
+                ),
+            })?;
+            BundleFile::checked(path, FileBytes::copy_aligned(bytes), entry)
+        };
+        load(&manifest.backbone.file)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            mask: load(&manifest.mask.file)?,
+            flow: load(&manifest.flow.file)?,
+            score: load(&manifest.score.file)?,
+            manifest,
         })
     }
 
@@ -457,13 +574,14 @@ impl Bundle {
             path: self.score.path.clone(),
             message,
         };
+        let edges = bins
+            .checked_add(1)
+            .ok_or_else(|| invalid(format!("hbos.bins {bins} in the manifest is too large")))?;
         let hbos = Hbos::from_parts(
             dim,
             bins,
             manifest.hbos.tol,
-            tensors
-                .f64("hbos.bin_edges", &[dim, bins + 1])?
-                .into_owned(),
+            tensors.f64("hbos.bin_edges", &[dim, edges])?.into_owned(),
             tensors.f64("hbos.log_density", &[dim, bins])?.into_owned(),
             manifest.hbos.train_decision_min,
             manifest.hbos.train_decision_max,

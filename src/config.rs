@@ -10,6 +10,14 @@ use crate::alert::AlertPolicy;
 use crate::pipeline::OverloadPolicy;
 use crate::source::Backoff;
 
+/// Maximum `alerts.capacity`. The alert channel allocates every slot when it is created,
+/// so a larger value would only risk running out of memory at start.
+pub const MAX_ALERT_CAPACITY: usize = 65_536;
+
+/// Maximum `pipeline.queue_capacity`. The frame queue allocates every slot when it is
+/// created, and every queued frame adds a frame period of latency.
+pub const MAX_QUEUE_CAPACITY: usize = 1024;
+
 /// Error while reading a configuration file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -180,8 +188,12 @@ impl Config {
                 ));
             }
         }
-        if self.alerts.capacity == 0 {
-            return Err(invalid("alerts.capacity", "0".into(), "use at least 1"));
+        if !(1..=MAX_ALERT_CAPACITY).contains(&self.alerts.capacity) {
+            return Err(invalid(
+                "alerts.capacity",
+                self.alerts.capacity.to_string(),
+                "use a value from 1 to 65536",
+            ));
         }
         if self.alerts.raise_after == 0 {
             return Err(invalid("alerts.raise_after", "0".into(), "use at least 1"));
@@ -189,11 +201,11 @@ impl Config {
         if self.alerts.clear_after == 0 {
             return Err(invalid("alerts.clear_after", "0".into(), "use at least 1"));
         }
-        if self.pipeline.queue_capacity == 0 {
+        if !(1..=MAX_QUEUE_CAPACITY).contains(&self.pipeline.queue_capacity) {
             return Err(invalid(
                 "pipeline.queue_capacity",
-                "0".into(),
-                "use at least 1",
+                self.pipeline.queue_capacity.to_string(),
+                "use a value from 1 to 1024",
             ));
         }
         if self.pipeline.deadline_ms == 0 {
@@ -332,6 +344,15 @@ mod tests {
             err.to_string().contains("pipeline.source_error_limit"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn huge_capacities_are_rejected() {
+        let err = parse("[alerts]\ncapacity = 1000000000000\n").unwrap_err();
+        assert!(err.to_string().contains("alerts.capacity"), "{err}");
+        assert!(err.to_string().contains("1000000000000"), "{err}");
+        let err = parse("[pipeline]\nqueue_capacity = 4096\n").unwrap_err();
+        assert!(err.to_string().contains("pipeline.queue_capacity"), "{err}");
     }
 
     #[test]

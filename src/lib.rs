@@ -16,6 +16,8 @@ pub mod bundle;
 pub mod config;
 pub mod cpu;
 pub mod flow;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hil;
 pub mod pipeline;
 pub mod preprocess;

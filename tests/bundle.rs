@@ -1,6 +1,7 @@
 //! The bundle format on the shipped default bundle: round trip, hash checks, and bundles
 //! that do not match their backbone.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use daain::bundle::{Bundle, BundleError, Manifest, MANIFEST_FILE};
@@ -111,4 +112,67 @@ fn bundle_naming_unknown_tensor_is_rejected() {
     let bundle = Bundle::open(dir.path()).unwrap();
     let err = Detector::new(&bundle, None).err().unwrap();
     assert!(err.to_string().contains("decoder.stage9"), "{err}");
+}
+
+/// Reads every file of the default bundle into memory, keyed by file name.
+fn bundle_files() -> (Vec<u8>, HashMap<String, Vec<u8>>) {
+    let mut files = HashMap::new();
+    for entry in std::fs::read_dir(default_bundle()).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        files.insert(name, std::fs::read(entry.path()).unwrap());
+    }
+    let manifest = files.remove(MANIFEST_FILE).unwrap();
+    (manifest, files)
+}
+
+#[test]
+fn in_memory_bundle_matches_directory() {
+    let (manifest, files) = bundle_files();
+    let from_memory = Bundle::from_memory(&default_bundle(), &manifest, &files).unwrap();
+    let opened = Bundle::open(&default_bundle()).unwrap();
+    assert_eq!(from_memory.manifest(), opened.manifest());
+    assert_eq!(from_memory.backbone_path(), opened.backbone_path());
+    assert_eq!(
+        from_memory.mask_points().unwrap(),
+        opened.mask_points().unwrap()
+    );
+    let flow = from_memory.flow().unwrap();
+    assert_eq!(flow.dim(), opened.flow().unwrap().dim());
+    // The in-memory copy is aligned, so the flow borrows its weights as from the map.
+    assert!(from_memory.scores().is_ok());
+}
+
+#[test]
+fn in_memory_bundle_checks_hashes() {
+    let (manifest, mut files) = bundle_files();
+    files.get_mut("mask.safetensors").unwrap()[100] ^= 1;
+    let err = Bundle::from_memory(Path::new("in-memory"), &manifest, &files)
+        .err()
+        .expect("altered mask must be rejected");
+    assert!(matches!(err, BundleError::Hash { .. }), "{err}");
+    assert!(err.to_string().contains("mask.safetensors"), "{err}");
+
+    files.get_mut("mask.safetensors").unwrap()[100] ^= 1;
+    files.remove("score.safetensors");
+    let err = Bundle::from_memory(Path::new("in-memory"), &manifest, &files)
+        .err()
+        .expect("missing file must be rejected");
+    assert!(matches!(err, BundleError::Io { .. }), "{err}");
+    assert!(err.to_string().contains("score.safetensors"), "{err}");
+}
+
+#[test]
+fn file_name_outside_bundle_is_rejected() {
+    for name in ["../mask.safetensors", "/etc/hostname", ""] {
+        let dir = copy_bundle();
+        let mut manifest = read_manifest(dir.path());
+        manifest.mask.file.file = name.into();
+        write_manifest(dir.path(), &manifest);
+        let err = Bundle::open(dir.path())
+            .err()
+            .expect("file outside the bundle must be rejected");
+        assert!(matches!(err, BundleError::Manifest { .. }), "{name}: {err}");
+        assert!(err.to_string().contains(&format!("{name:?}")), "{err}");
+    }
 }

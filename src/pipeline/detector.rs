@@ -201,6 +201,27 @@ impl<'b> Detector<'b> {
         })
     }
 
+    /// Copies the flow weights borrowed from the bundle's memory map, so that the detector
+    /// no longer borrows the bundle. Costs one copy of the flow file's tensors.
+    pub fn into_owned(self) -> Detector<'static> {
+        Detector {
+            preprocessor: self.preprocessor,
+            backbone: self.backbone,
+            gather: self.gather,
+            flow: self.flow.into_owned(),
+            scratch: self.scratch,
+            hbos: self.hbos,
+            mahalanobis: self.mahalanobis,
+            kind: self.kind,
+            threshold: self.threshold,
+            classes: self.classes,
+            input: self.input,
+            sample: self.sample,
+            z: self.z,
+            segmentation: self.segmentation,
+        }
+    }
+
     pub fn threshold(&self) -> f64 {
         self.threshold
     }
@@ -238,9 +259,21 @@ impl<'b> Detector<'b> {
         segment: bool,
         timings: &mut StageTimings,
     ) -> Result<(), DetectError> {
+        self.sample_rgb(&frame.data, frame.width, frame.height, segment, timings)
+    }
+
+    /// Runs [`Detector::sample_frame`] on packed RGB24 pixels, `width * height * 3` bytes
+    /// with no row padding.
+    pub fn sample_rgb(
+        &mut self,
+        rgb: &[u8],
+        width: usize,
+        height: usize,
+        segment: bool,
+        timings: &mut StageTimings,
+    ) -> Result<(), DetectError> {
         let start = Instant::now();
-        self.preprocessor
-            .run(&frame.data, frame.width, frame.height, &mut self.input)?;
+        self.preprocessor.run(rgb, width, height, &mut self.input)?;
         let preprocessed = Instant::now();
         let output = self.backbone.run(&self.input)?;
         let ran = Instant::now();

@@ -23,7 +23,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use serde::{Deserialize, Serialize};
 
 use super::detector::{millis, Detector, FrameOutcome, StageTimings};
-use crate::alert::{Alert, AlertLevel, AlertSender, LevelTracker};
+use crate::alert::{alert_due, Alert, AlertLevel, AlertSender, LevelTracker};
 use crate::source::{Frame, FrameSource};
 
 /// Policy of the decode thread for a full frame queue.
@@ -585,7 +585,9 @@ fn consume_loop(
     // Frame index and timestamp of the last outcome, for STALE alerts.
     let mut last_frame: (u64, Duration) = (0, Duration::ZERO);
     loop {
-        let wait = (last_progress + options.watchdog).saturating_duration_since(Instant::now());
+        // Subtracting avoids `Instant + Duration`, which panics on overflow for a huge
+        // watchdog period.
+        let wait = options.watchdog.saturating_sub(last_progress.elapsed());
         let detected = match outcomes.recv_timeout(wait) {
             Ok(detected) => detected,
             Err(RecvTimeoutError::Disconnected) => break,
@@ -658,7 +660,7 @@ fn consume_loop(
                 );
             }
         }
-        if outcome.level != AlertLevel::Ok || previous_level != AlertLevel::Ok {
+        if alert_due(previous_level, outcome.level) {
             alerts.send(Alert {
                 frame: outcome.frame,
                 timestamp,
