@@ -16,6 +16,7 @@ pub mod config;
 pub mod cpu;
 pub mod flow;
 pub mod pipeline;
+pub mod prelu;
 pub mod preprocess;
 pub mod sampling;
 pub mod score;
