@@ -14,7 +14,8 @@ use daain::alert::{self, Alert};
 use daain::bundle::Bundle;
 use daain::config::Config;
 use daain::pipeline::{
-    Detector, FrameOutcome, OverloadPolicy, Pacing, RunOptions, RunSummary, StopFlag,
+    Detector, DetectorOptions, FrameOutcome, OverloadPolicy, Pacing, RunOptions, RunSummary,
+    StopFlag,
 };
 use daain::source::{open_source, SourceOptions, SourceSpec};
 
@@ -136,7 +137,12 @@ fn run(args: RunArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_BUNDLE));
     let bundle = Bundle::open(&bundle_dir)
         .with_context(|| format!("failed to open bundle {}", bundle_dir.display()))?;
-    let mut detector = Detector::new(&bundle, config.detector.threshold)?;
+    let options = DetectorOptions {
+        threshold: config.detector.threshold,
+        precision: config.detector.backbone,
+        threads: config.detector.threads,
+    };
+    let mut detector = Detector::with_options(&bundle, &options)?;
 
     let spec = if let Some(path) = &args.video {
         SourceSpec::Video(path.clone())
