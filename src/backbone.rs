@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::tract_linalg::multithread::Executor;
 
 use crate::sampling::TapShape;
 
@@ -46,6 +47,27 @@ pub enum BackboneError {
     Run(anyhow::Error),
 }
 
+/// Numeric precision of the backbone model that a detector runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackbonePrecision {
+    /// The exported f32 model.
+    #[default]
+    F32,
+    /// The quantised copy written by `daain-tools quantize`: int8 convolutions
+    /// (`QLinearConv`), every other operator in f32.
+    Int8,
+}
+
+impl std::fmt::Display for BackbonePrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Int8 => "int8",
+        })
+    }
+}
+
 /// Backbone file, tensors to read back and input size.
 #[derive(Debug, Clone)]
 pub struct BackboneSpec {
@@ -56,6 +78,10 @@ pub struct BackboneSpec {
     pub logits: String,
     /// Names of the tapped tensors, in the order the mask's sampling space stacks them.
     pub taps: Vec<String>,
+    /// Threads tract's matrix multiplications run on; 1 runs everything on the calling
+    /// thread. Other operators (element-wise ops, direct convolutions) stay on the
+    /// calling thread whatever the count.
+    pub threads: usize,
 }
 
 /// A loaded, optimised backbone plan.
@@ -64,6 +90,61 @@ pub struct Backbone {
     input_shape: [usize; 4],
     logits_shape: Vec<usize>,
     taps: Vec<TapShape>,
+    kernels: KernelSummary,
+}
+
+/// The operators and matrix-multiplication kernels of an optimised tract plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelSummary {
+    /// Number of nodes per tract operator name, for example `OptMatMul` or `DeconvSum`.
+    pub operators: std::collections::BTreeMap<String, usize>,
+    /// Number of matrix multiplications per tract-linalg kernel name, for example
+    /// `fma_mmm_f32_16x6` or `avx2_mmm_i32_8x8`.
+    pub matmul_kernels: std::collections::BTreeMap<String, usize>,
+}
+
+impl KernelSummary {
+    fn of(model: &TypedModel) -> Self {
+        use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
+        let mut summary = Self::default();
+        for node in model.nodes() {
+            *summary
+                .operators
+                .entry(node.op().name().to_string())
+                .or_default() += 1;
+            if let Some(matmul) = node.op_as::<OptMatMul>() {
+                for kernel in &matmul.mmm {
+                    *summary
+                        .matmul_kernels
+                        .entry(kernel.name().to_string())
+                        .or_default() += 1;
+                }
+            }
+        }
+        summary
+    }
+
+    /// Returns the number of nodes of a tract operator.
+    pub fn operator_count(&self, name: &str) -> usize {
+        self.operators.get(name).copied().unwrap_or(0)
+    }
+}
+
+impl std::fmt::Display for KernelSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |map: &std::collections::BTreeMap<String, usize>| {
+            map.iter()
+                .map(|(name, count)| format!("{name} x{count}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        write!(
+            f,
+            "matmul kernels: {}; operators: {}",
+            list(&self.matmul_kernels),
+            list(&self.operators)
+        )
+    }
 }
 
 /// Outputs of one backbone run: logits first, then one tensor per tap.
@@ -90,6 +171,13 @@ impl BackboneOutput {
     }
 }
 
+/// Returns whether PRelus (and the BatchNorms before them) run as one fused pass, which
+/// is the default. `DAAIN_PRELU_FUSION=off` runs them as tract lowers them, for
+/// benchmarks and for checking the fused operator against tract's own.
+pub fn prelu_fusion_enabled() -> bool {
+    std::env::var("DAAIN_PRELU_FUSION").map_or(true, |v| v != "off")
+}
+
 /// Returns the f32 data of a tensor in host memory, or an empty slice for any other tensor
 /// (the length checks of the consumers then name the mismatch).
 fn plain_f32(tensor: &Tensor) -> &[f32] {
@@ -109,8 +197,14 @@ impl Backbone {
             )));
         }
         let input_shape = [1, 3, spec.input_height, spec.input_width];
-        let mut model = tract_onnx::onnx()
-            .model_for_path(&spec.path)
+        let onnx = crate::prelu::onnx_parser();
+        let mut proto = onnx.proto_model_for_path(&spec.path).map_err(load_error)?;
+        if prelu_fusion_enabled() {
+            let (prelus, batch_norms) = crate::prelu::fuse_affine_prelu(&mut proto);
+            log::debug!("fused {prelus} PRelus and {batch_norms} BatchNorms before them");
+        }
+        let mut model = onnx
+            .model_for_proto_model(&proto)
             .map_err(load_error)?
             .with_input_fact(0, f32::fact(input_shape).into())
             .map_err(load_error)?;
@@ -164,20 +258,38 @@ impl Backbone {
                 }
             }
         }
-        let plan = typed.into_runnable().map_err(load_error)?;
+        let kernels = KernelSummary::of(&typed);
+        let plan = if spec.threads > 1 {
+            let options = RunOptions {
+                executor: Some(Executor::multithread(spec.threads)),
+                ..Default::default()
+            };
+            typed.into_runnable_with_options(&options)
+        } else {
+            typed.into_runnable()
+        }
+        .map_err(load_error)?;
         log::info!(
-            "backbone {} loaded: input {:?}, logits {:?}, {} taps",
+            "backbone {} loaded: input {:?}, logits {:?}, {} taps, {} thread(s)",
             spec.path.display(),
             input_shape,
             logits_shape,
-            taps.len()
+            taps.len(),
+            spec.threads.max(1)
         );
+        log::info!("backbone plan: {kernels}");
         Ok(Self {
             plan,
             input_shape,
             logits_shape,
             taps,
+            kernels,
         })
+    }
+
+    /// Returns the operators and kernels tract chose for this plan.
+    pub fn kernels(&self) -> &KernelSummary {
+        &self.kernels
     }
 
     pub fn input_shape(&self) -> [usize; 4] {

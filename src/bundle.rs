@@ -5,6 +5,8 @@
 //!                      threshold settings, training provenance, and the SHA-256 of
 //!                      every other file
 //! backbone.onnx        the segmentation network with the tapped tensors as outputs
+//! backbone_int8.onnx   optional: the same network with int8 convolutions, written by
+//!                      `daain-tools quantize --bundle DIR`
 //! mask.safetensors     `points`: U32 [n, 3], (channel, y, x) in the sampling space
 //! flow.safetensors     coupling-block weights (layout in `crate::flow`)
 //! score.safetensors    `hbos.bin_edges` F64 [d, bins + 1], `hbos.log_density` F64
@@ -27,6 +29,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::backbone::BackbonePrecision;
 use crate::flow::{params_from_safetensors, Flow};
 use crate::preprocess::InputConvention;
 use crate::sampling::TapShape;
@@ -62,6 +65,11 @@ pub enum BundleError {
     },
     #[error("bundle file {path} is not valid safetensors: {message}")]
     Tensors { path: PathBuf, message: String },
+    #[error(
+        "bundle {dir} has no int8 backbone: add one with `daain-tools quantize --bundle {dir}` \
+         or set detector.backbone = \"f32\""
+    )]
+    MissingInt8Backbone { dir: PathBuf },
     #[error("bundle tensor {name} in {path} is invalid: {message}")]
     Tensor {
         path: PathBuf,
@@ -91,6 +99,21 @@ pub struct BackboneManifest {
     pub classes: usize,
     /// Tapped tensors, in the order the sampling space stacks their channels.
     pub taps: Vec<TapShape>,
+    /// The quantised copy of the backbone; absent in bundles made before quantisation
+    /// existed and in bundles that were never quantised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub int8: Option<QuantizedBackboneManifest>,
+}
+
+/// The int8 copy of the backbone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantizedBackboneManifest {
+    #[serde(flatten)]
+    pub file: FileEntry,
+    /// Free-form record of the calibration (method, frames) and of the agreement with
+    /// the f32 backbone that `daain-tools quantize` measured.
+    #[serde(default)]
+    pub quantization: serde_json::Value,
 }
 
 /// The blue-noise mask.
@@ -472,6 +495,10 @@ impl Bundle {
             "bundle backbone {} hash checked",
             dir.join(&manifest.backbone.file.file).display()
         );
+        if let Some(int8) = &manifest.backbone.int8 {
+            drop(BundleFile::map(dir, &int8.file)?);
+            log::debug!("bundle int8 backbone {} hash checked", int8.file.file);
+        }
         Ok(Self {
             dir: dir.to_owned(),
             mask: BundleFile::map(dir, &manifest.mask.file)?,
@@ -506,6 +533,9 @@ impl Bundle {
             BundleFile::checked(path, FileBytes::copy_aligned(bytes), entry)
         };
         load(&manifest.backbone.file)?;
+        if let Some(int8) = &manifest.backbone.int8 {
+            load(&int8.file)?;
+        }
         Ok(Self {
             dir: dir.to_owned(),
             mask: load(&manifest.mask.file)?,
@@ -526,6 +556,19 @@ impl Bundle {
     /// Returns the path of the backbone ONNX model.
     pub fn backbone_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.backbone.file.file)
+    }
+
+    /// Returns the path of the backbone ONNX model of the given precision.
+    pub fn backbone_path_for(&self, precision: BackbonePrecision) -> Result<PathBuf, BundleError> {
+        match precision {
+            BackbonePrecision::F32 => Ok(self.backbone_path()),
+            BackbonePrecision::Int8 => match &self.manifest.backbone.int8 {
+                Some(int8) => Ok(self.dir.join(&int8.file.file)),
+                None => Err(BundleError::MissingInt8Backbone {
+                    dir: self.dir.clone(),
+                }),
+            },
+        }
     }
 
     /// Returns the mask points, `(channel, y, x)` in the sampling space.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::alert::AlertPolicy;
+use crate::backbone::BackbonePrecision;
 use crate::pipeline::OverloadPolicy;
 use crate::source::Backoff;
 
@@ -49,12 +50,27 @@ pub struct Config {
     pub camera: CameraConfig,
 }
 
-/// Decision settings.
-#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+/// Decision and backbone settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DetectorConfig {
     /// Replaces the bundle's calibrated threshold (in the unit of the bundle's score).
     pub threshold: Option<f64>,
+    /// Which of the bundle's backbone models runs. `int8` needs a bundle with a
+    /// quantised backbone.
+    pub backbone: BackbonePrecision,
+    /// Threads for tract's matrix multiplications.
+    pub threads: usize,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        Self {
+            threshold: None,
+            backbone: BackbonePrecision::F32,
+            threads: 1,
+        }
+    }
 }
 
 /// Alert channel settings.
@@ -187,6 +203,13 @@ impl Config {
                     "use a finite number",
                 ));
             }
+        }
+        if self.detector.threads == 0 {
+            return Err(invalid(
+                "detector.threads",
+                "0".into(),
+                "use at least 1 (1 runs the backbone on the detection thread alone)",
+            ));
         }
         if !(1..=MAX_ALERT_CAPACITY).contains(&self.alerts.capacity) {
             return Err(invalid(
@@ -353,6 +376,27 @@ mod tests {
         assert!(err.to_string().contains("1000000000000"), "{err}");
         let err = parse("[pipeline]\nqueue_capacity = 4096\n").unwrap_err();
         assert!(err.to_string().contains("pipeline.queue_capacity"), "{err}");
+    }
+
+    #[test]
+    fn backbone_precision_and_threads_are_read() {
+        let config = parse("[detector]\nbackbone = \"int8\"\nthreads = 2\n").unwrap();
+        assert_eq!(config.detector.backbone, BackbonePrecision::Int8);
+        assert_eq!(config.detector.threads, 2);
+    }
+
+    #[test]
+    fn unknown_precision_is_named() {
+        let err = parse("[detector]\nbackbone = \"fp16\"\n").unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("fp16"), "{message}");
+        assert!(message.contains("int8"), "{message}");
+    }
+
+    #[test]
+    fn zero_threads_are_rejected() {
+        let err = parse("[detector]\nthreads = 0\n").unwrap_err();
+        assert!(err.to_string().contains("detector.threads"), "{err}");
     }
 
     #[test]

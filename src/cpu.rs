@@ -40,7 +40,8 @@ pub fn describe() -> String {
 }
 
 /// Logs at `info` level, once per process, the CPU's architecture and SIMD features and
-/// the flow kernel chosen for them.
+/// the flow kernel chosen for them. Each backbone logs tract's matrix-multiplication
+/// kernels when it is loaded, because they depend on the model as well.
 pub fn log_capabilities() {
     static LOGGED: Once = Once::new();
     LOGGED.call_once(|| {
@@ -51,7 +52,6 @@ pub fn log_capabilities() {
         );
         // Choosing the kernel logs the choice.
         crate::flow::forward_kernel_f32();
-        // TODO: also log tract's matrix-multiplication kernel choice.
     });
 }
 

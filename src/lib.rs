@@ -20,6 +20,7 @@ pub mod flow;
 pub mod fuzzing;
 pub mod hil;
 pub mod pipeline;
+pub mod prelu;
 pub mod preprocess;
 pub mod sampling;
 pub mod score;

@@ -14,7 +14,8 @@ use daain::alert::{self, Alert};
 use daain::bundle::Bundle;
 use daain::config::Config;
 use daain::pipeline::{
-    Detector, FrameOutcome, OverloadPolicy, Pacing, RunOptions, RunSummary, StopFlag,
+    Detector, DetectorOptions, FrameOutcome, OverloadPolicy, Pacing, RunOptions, RunSummary,
+    StopFlag,
 };
 use daain::source::{open_source, FrameSource, Reconnecting, SourceOptions, SourceSpec};
 
@@ -176,6 +177,14 @@ fn run_options(
     }
 }
 
+fn detector_options(config: &Config) -> DetectorOptions {
+    DetectorOptions {
+        threshold: config.detector.threshold,
+        precision: config.detector.backbone,
+        threads: config.detector.threads,
+    }
+}
+
 fn load_config(path: Option<&Path>) -> Result<Config> {
     Ok(match path {
         Some(path) => Config::from_path(path)?,
@@ -196,7 +205,7 @@ fn run(args: RunArgs) -> Result<()> {
     let bundle_dir = bundle_dir(args.bundle.as_ref(), &config);
     let bundle = Bundle::open(&bundle_dir)
         .with_context(|| format!("failed to open bundle {}", bundle_dir.display()))?;
-    let mut detector = Detector::new(&bundle, config.detector.threshold)?;
+    let mut detector = Detector::with_options(&bundle, &detector_options(&config))?;
 
     let spec = if let Some(path) = &args.video {
         SourceSpec::Video(path.clone())
@@ -304,7 +313,7 @@ fn bench_hil(args: BenchHilArgs) -> Result<()> {
     let bundle_dir = bundle_dir(args.bundle.as_ref(), &config);
     let bundle = Bundle::open(&bundle_dir)
         .with_context(|| format!("failed to open bundle {}", bundle_dir.display()))?;
-    let mut detector = Detector::new(&bundle, config.detector.threshold)?;
+    let mut detector = Detector::with_options(&bundle, &detector_options(&config))?;
 
     let spec = SourceSpec::Video(args.video.clone());
     let open: daain::hil::OpenClip =

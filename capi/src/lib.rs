@@ -398,7 +398,12 @@ pub unsafe extern "C" fn daain_detector_create(
             ),
             other => Failure::new(Status::Bundle, error_chain(other)),
         })?;
-        let detector = Detector::new(&bundle, config.detector.threshold)
+        let options = daain::pipeline::DetectorOptions {
+            threshold: config.detector.threshold,
+            precision: config.detector.backbone,
+            threads: config.detector.threads,
+        };
+        let detector = Detector::with_options(&bundle, &options)
             .map_err(|e| {
                 Failure::new(
                     Status::Bundle,

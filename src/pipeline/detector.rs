@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::alert::AlertLevel;
-use crate::backbone::{argmax_classes, Backbone, BackboneError, BackboneSpec};
+use crate::backbone::{argmax_classes, Backbone, BackboneError, BackbonePrecision, BackboneSpec};
 use crate::bundle::{Bundle, BundleError};
 use crate::flow::{Flow, FlowError, FlowScratch};
 use crate::preprocess::{PreprocessError, Preprocessor};
@@ -124,6 +124,27 @@ impl FrameOutcome {
     }
 }
 
+/// Settings of a detector that are not in the bundle.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DetectorOptions {
+    /// Replaces the bundle's calibrated threshold when set.
+    pub threshold: Option<f64>,
+    /// Which of the bundle's backbone models runs.
+    pub precision: BackbonePrecision,
+    /// Threads for tract's matrix multiplications (at least 1).
+    pub threads: usize,
+}
+
+impl Default for DetectorOptions {
+    fn default() -> Self {
+        Self {
+            threshold: None,
+            precision: BackbonePrecision::F32,
+            threads: 1,
+        }
+    }
+}
+
 /// Everything needed to score frames, built from a bundle.
 pub struct Detector<'b> {
     preprocessor: Preprocessor,
@@ -143,13 +164,24 @@ pub struct Detector<'b> {
 }
 
 impl<'b> Detector<'b> {
-    /// Loads the backbone and builds every stage from the bundle. `threshold` replaces
-    /// the bundle's calibrated threshold when given.
+    /// Loads the f32 backbone on one thread and builds every stage from the bundle.
+    /// `threshold` replaces the bundle's calibrated threshold when given.
     pub fn new(bundle: &'b Bundle, threshold: Option<f64>) -> Result<Self, DetectError> {
+        let options = DetectorOptions {
+            threshold,
+            ..Default::default()
+        };
+        Self::with_options(bundle, &options)
+    }
+
+    /// Loads the backbone of the requested precision and builds every stage from the
+    /// bundle.
+    pub fn with_options(bundle: &'b Bundle, options: &DetectorOptions) -> Result<Self, DetectError> {
+        let threshold = options.threshold;
         let manifest = bundle.manifest();
         let convention = manifest.input.clone();
         let spec = BackboneSpec {
-            path: bundle.backbone_path(),
+            path: bundle.backbone_path_for(options.precision)?,
             input_height: convention.height,
             input_width: convention.width,
             logits: manifest.backbone.logits.clone(),
@@ -159,8 +191,10 @@ impl<'b> Detector<'b> {
                 .iter()
                 .map(|t| t.name.clone())
                 .collect(),
+            threads: options.threads,
         };
         crate::cpu::log_capabilities();
+        log::info!("backbone precision: {}", options.precision);
         let backbone = Backbone::load(&spec)?;
         backbone.check_taps(&manifest.backbone.taps)?;
 
@@ -220,6 +254,11 @@ impl<'b> Detector<'b> {
             z: self.z,
             segmentation: self.segmentation,
         }
+    }
+
+    /// Returns the operators and kernels tract chose for the backbone.
+    pub fn backbone_kernels(&self) -> &crate::backbone::KernelSummary {
+        self.backbone.kernels()
     }
 
     pub fn threshold(&self) -> f64 {

@@ -4,5 +4,7 @@
 mod detector;
 mod run;
 
-pub use detector::{write_class_png, DetectError, Detector, FrameOutcome, Scores, StageTimings};
+pub use detector::{
+    write_class_png, DetectError, Detector, DetectorOptions, FrameOutcome, Scores, StageTimings,
+};
 pub use run::{run, OnFrame, OverloadPolicy, Pacing, RunOptions, RunSummary, StopFlag};

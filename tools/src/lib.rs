@@ -8,5 +8,7 @@ pub mod metrics;
 pub mod onnx;
 pub mod perturb;
 pub mod pth;
+pub mod quantize;
+pub mod reference;
 pub mod record;
 pub mod training;

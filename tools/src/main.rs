@@ -75,6 +75,56 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Calibrate activation ranges on the training frames of a clip and write an int8
+    /// ESPNet (QLinearConv with per-channel weight scales), then compare it with the f32
+    /// model on the clip's test frames and print the result as JSON.
+    Quantize {
+        /// Training settings (TOML) that name the f32 backbone, the clip and its split.
+        #[arg(long)]
+        config: PathBuf,
+        /// Int8 ONNX file to write; the f32 model is the config's `data.backbone`.
+        #[arg(long, required_unless_present = "bundle", conflicts_with = "bundle")]
+        output: Option<PathBuf>,
+        /// Quantise this bundle's backbone instead, write `backbone_int8.onnx` beside it and
+        /// record it in the bundle's manifest.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Range choice: minmax, mse or percentile:P (P in percent, 50 to 100).
+        #[arg(long, default_value = "percentile:99.99")]
+        method: daain_tools::quantize::CalibrationMethod,
+        /// Convolutions to keep in f32, by module path (for example encoder.level1.conv).
+        #[arg(long, value_delimiter = ',')]
+        keep_f32: Vec<String>,
+        /// Use every Nth training frame for calibration.
+        #[arg(long, default_value_t = 4)]
+        calibration_stride: usize,
+        /// Also write the f32 model with BatchNorms folded into their convolutions.
+        #[arg(long)]
+        folded_f32_output: Option<PathBuf>,
+        /// Timed runs of each backbone (interleaved) for the speed comparison; 0 skips it.
+        #[arg(long, default_value_t = 10)]
+        timing_rounds: usize,
+    },
+    /// Time the DAAIN pipeline as the Python reference runs it (libtorch eager, every
+    /// activation map upsampled to the input size before sampling) on preprocessed
+    /// inputs, and print per-frame times as JSON.
+    ReferenceBench {
+        /// Bundle whose mask and flow to use.
+        #[arg(long, default_value = "models/default")]
+        bundle: PathBuf,
+        /// ESPNet weights (.safetensors or .pth).
+        #[arg(long, default_value = "models/espnet/espnet_p_2_q_8.safetensors")]
+        weights: PathBuf,
+        /// Preprocessed inputs: f32 little-endian, n x 3 x 256 x 512.
+        #[arg(long)]
+        inputs: PathBuf,
+        /// libtorch intra-op threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Timed passes over the inputs, after one untimed pass.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+    },
     /// Train a bundle in one go (record, train and export): generate the mask, record activations of the training clip, train
     /// the flow, fit the scores, calibrate the threshold and write the bundle directory.
     BuildBundle {
@@ -117,6 +167,45 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::ImportFreia { input, clamp, output } => import_freia(&input, clamp, &output),
+        Command::ReferenceBench { bundle, weights, inputs, threads, rounds } => {
+            let times = daain_tools::reference::run(&bundle, &weights, &inputs, threads, rounds)?;
+            println!("{}", serde_json::to_string(&times)?);
+            Ok(())
+        }
+        Command::Quantize {
+            config,
+            output,
+            bundle,
+            method,
+            keep_f32,
+            calibration_stride,
+            folded_f32_output,
+            timing_rounds,
+        } => {
+            use daain_tools::quantize;
+            let options = quantize::QuantizeOptions { method, keep_f32 };
+            let settings = TrainingConfig::from_path(&config)?;
+            let (source, output) = match (&bundle, output) {
+                (Some(dir), _) => (dir.join("backbone.onnx"), dir.join(quantize::BUNDLE_INT8_FILE)),
+                (None, Some(output)) => (settings.data.backbone.clone(), output),
+                (None, None) => anyhow::bail!("pass --output FILE or --bundle DIR"),
+            };
+            let report = quantize::run(
+                &settings,
+                &source,
+                &options,
+                calibration_stride,
+                &output,
+                folded_f32_output.as_deref(),
+                timing_rounds,
+            )?;
+            if let Some(dir) = &bundle {
+                quantize::add_to_bundle(dir, &report)?;
+                log::info!("recorded {} in {}", output.display(), dir.join("manifest.json").display());
+            }
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
     }
 }
 

@@ -51,6 +51,7 @@ pub fn load_backbone(onnx: &Path, logits: &str, taps: &[String], convention: &In
         input_width: convention.width,
         logits: logits.to_owned(),
         taps: taps.to_vec(),
+        threads: 1,
     };
     Ok(Backbone::load(&spec)?)
 }

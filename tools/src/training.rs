@@ -610,6 +610,7 @@ pub fn export_bundle(
             logits: "logits".to_owned(),
             classes: crate::espnet::NUM_CLASSES,
             taps: activations.taps.clone(),
+            int8: None,
         },
         mask: MaskManifest {
             file: file_entry(output, "mask.safetensors")?,

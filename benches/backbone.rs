@@ -1,0 +1,93 @@
+//! Time of one ESPNet run through tract on a real frame of the shipped clip: the bundle's
+//! f32 and int8 backbones, on 1 and 2 threads. Criterion times each variant, and then an
+//! interleaved loop (one run of each variant per round, so that load from other processes
+//! hits all of them alike) prints each variant's median as a ratio to f32 on 1 thread.
+//!
+//! Run with `cargo bench --bench backbone`. `DAAIN_BENCH_ROUNDS` sets the rounds of the
+//! interleaved loop (default 20).
+
+use std::path::Path;
+use std::time::Instant;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+
+use daain::backbone::{Backbone, BackbonePrecision, BackboneSpec};
+use daain::bundle::Bundle;
+use daain::preprocess::Preprocessor;
+use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
+
+fn first_frame() -> Frame {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/footage/solidWhiteRight.mp4");
+    let mut source = open_source(&SourceSpec::Video(path), &SourceOptions::default()).unwrap();
+    let mut frame = Frame::new();
+    assert!(source.next_frame(&mut frame).unwrap());
+    frame
+}
+
+fn load(bundle: &Bundle, precision: BackbonePrecision, threads: usize) -> Backbone {
+    let manifest = bundle.manifest();
+    let spec = BackboneSpec {
+        path: bundle.backbone_path_for(precision).unwrap(),
+        input_height: manifest.input.height,
+        input_width: manifest.input.width,
+        logits: manifest.backbone.logits.clone(),
+        taps: manifest.backbone.taps.iter().map(|t| t.name.clone()).collect(),
+        threads,
+    };
+    Backbone::load(&spec).unwrap()
+}
+
+fn backbones(c: &mut Criterion) {
+    let bundle =
+        Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default")).unwrap();
+    let frame = first_frame();
+    let mut input = vec![0.0; bundle.manifest().input.tensor_len()];
+    Preprocessor::new(bundle.manifest().input.clone())
+        .run(&frame.data, frame.width, frame.height, &mut input)
+        .unwrap();
+    let variants: Vec<(String, Backbone)> = [
+        (BackbonePrecision::F32, 1),
+        (BackbonePrecision::Int8, 1),
+        (BackbonePrecision::F32, 2),
+        (BackbonePrecision::Int8, 2),
+    ]
+    .into_iter()
+    .map(|(precision, threads)| {
+        (format!("{precision}_{threads}_thread"), load(&bundle, precision, threads))
+    })
+    .collect();
+
+    let mut group = c.benchmark_group("backbone");
+    group.sample_size(10);
+    for (name, backbone) in &variants {
+        group.bench_function(name.as_str(), |b| b.iter(|| backbone.run(&input).unwrap()));
+    }
+    group.finish();
+
+    let rounds: usize = std::env::var("DAAIN_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut times = vec![Vec::with_capacity(rounds); variants.len()];
+    for _ in 0..rounds {
+        for ((_, backbone), samples) in variants.iter().zip(&mut times) {
+            let start = Instant::now();
+            backbone.run(&input).unwrap();
+            samples.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let medians: Vec<f64> = times
+        .iter_mut()
+        .map(|samples| {
+            samples.sort_by(f64::total_cmp);
+            samples[samples.len() / 2]
+        })
+        .collect();
+    println!("interleaved medians over {rounds} rounds, as a ratio to f32 on 1 thread:");
+    for ((name, _), median) in variants.iter().zip(&medians) {
+        println!("  {name:16} {median:8.1} ms  {:.2}x", median / medians[0]);
+    }
+}
+
+criterion_group!(benches, backbones);
+criterion_main!(benches);

@@ -1,0 +1,214 @@
+//! The int8 backbone of the shipped bundle against its f32 backbone on real frames. The
+//! tests cover segmentation agreement, the change of the deciding score on clean and
+//! flipped frames, the kernels tract runs, and bundles without or with an altered int8
+//! model.
+
+use std::path::{Path, PathBuf};
+
+use daain::backbone::BackbonePrecision;
+use daain::bundle::{Bundle, BundleError, Manifest, MANIFEST_FILE};
+use daain::pipeline::{DetectError, Detector, DetectorOptions};
+use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
+
+/// Lowest share of pixels whose class must match between int8 and f32, over the test
+/// frames. `daain-tools quantize` measured 90.5% for the shipped model over all 40 test
+/// frames (worst frame 86.6%); the goal of 97% is not reached (docs/benchmarks.md).
+const MIN_ARGMAX_AGREEMENT: f64 = 0.88;
+
+/// Largest change of the deciding score (flow negative log-likelihood) from f32 to int8,
+/// as a share of the distance between the threshold and the median clean f32 score.
+// NOTE: chosen before the score change was measured; the flow was trained on f32 taps.
+const MAX_SCORE_CHANGE_OF_MARGIN: f64 = 0.5;
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// Reads every fourth frame that the bundle's training left out as a test frame.
+fn test_frames(bundle: &Bundle) -> Vec<Frame> {
+    let indices: Vec<u64> =
+        serde_json::from_value(bundle.manifest().training["test_frames"].clone()).unwrap();
+    let indices: Vec<u64> = indices.into_iter().step_by(4).collect();
+    let spec = SourceSpec::Video(repo_path("data/footage/solidWhiteRight.mp4"));
+    let mut source = open_source(&spec, &SourceOptions::default()).unwrap();
+    let mut frames = Vec::new();
+    let mut frame = Frame::new();
+    while source.next_frame(&mut frame).unwrap() {
+        if indices.contains(&frame.index) {
+            frames.push(frame.clone());
+        }
+    }
+    assert_eq!(frames.len(), indices.len(), "not every test frame was decoded");
+    frames
+}
+
+fn vertical_flip(frame: &Frame) -> Frame {
+    let mut out = frame.clone();
+    let stride = frame.width * 3;
+    for y in 0..frame.height {
+        let target = (frame.height - 1 - y) * stride;
+        out.data[target..target + stride].copy_from_slice(&frame.data[y * stride..(y + 1) * stride]);
+    }
+    out
+}
+
+fn detector(bundle: &Bundle, precision: BackbonePrecision) -> Detector<'_> {
+    let options = DetectorOptions {
+        precision,
+        ..Default::default()
+    };
+    Detector::with_options(bundle, &options).unwrap()
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+#[test]
+fn int8_segmentation_agrees_with_f32() {
+    let bundle = Bundle::open(&repo_path("models/default")).unwrap();
+    let mut f32_detector = detector(&bundle, BackbonePrecision::F32);
+    let mut int8_detector = detector(&bundle, BackbonePrecision::Int8);
+    let frames = test_frames(&bundle);
+    let (mut same, mut total) = (0usize, 0usize);
+    for frame in &frames {
+        f32_detector.score_frame(frame, true).unwrap();
+        int8_detector.score_frame(frame, true).unwrap();
+        let a = f32_detector.segmentation();
+        let b = int8_detector.segmentation();
+        let frame_same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+        eprintln!("frame {:4}: agreement {:.4}", frame.index, frame_same as f64 / a.len() as f64);
+        same += frame_same;
+        total += a.len();
+    }
+    let agreement = same as f64 / total as f64;
+    assert!(
+        agreement >= MIN_ARGMAX_AGREEMENT,
+        "int8 argmax agreement {agreement:.4} over {} frames is below {MIN_ARGMAX_AGREEMENT}",
+        frames.len()
+    );
+}
+
+#[test]
+fn int8_score_change_is_bounded() {
+    let bundle = Bundle::open(&repo_path("models/default")).unwrap();
+    let mut f32_detector = detector(&bundle, BackbonePrecision::F32);
+    let mut int8_detector = detector(&bundle, BackbonePrecision::Int8);
+    let kind = f32_detector.score_kind();
+    let threshold = f32_detector.threshold();
+    let clean = test_frames(&bundle);
+    let flipped: Vec<Frame> = clean.iter().map(vertical_flip).collect();
+
+    let mut clean_f32 = Vec::new();
+    let mut changes = Vec::new();
+    let mut decisions_differ = 0;
+    for (set, frames) in [("clean", &clean), ("flipped", &flipped)] {
+        for frame in frames.iter() {
+            let (a, _) = f32_detector.score_frame(frame, false).unwrap();
+            let (b, _) = int8_detector.score_frame(frame, false).unwrap();
+            let (a, b) = (a.get(kind), b.get(kind));
+            eprintln!("{set} frame {:4}: f32 {a:.1} int8 {b:.1}", frame.index);
+            if set == "clean" {
+                clean_f32.push(a);
+            }
+            changes.push((b - a).abs());
+            if (a > threshold) != (b > threshold) {
+                decisions_differ += 1;
+            }
+        }
+    }
+    let margin = threshold - median(&mut clean_f32);
+    assert!(margin > 0.0, "median clean score is above the threshold {threshold}");
+    let largest = changes.iter().copied().fold(0.0, f64::max);
+    eprintln!("largest change {largest:.1}, margin {margin:.1}, decisions differing {decisions_differ}");
+    assert!(
+        largest <= MAX_SCORE_CHANGE_OF_MARGIN * margin,
+        "int8 changes the {kind} score by up to {largest:.1}, more than \
+         {MAX_SCORE_CHANGE_OF_MARGIN} of the clean margin {margin:.1}"
+    );
+    assert!(
+        decisions_differ <= 1,
+        "{decisions_differ} of {} frames change their decision under int8",
+        changes.len()
+    );
+}
+
+#[test]
+fn int8_plan_runs_integer_matmuls() {
+    let bundle = Bundle::open(&repo_path("models/default")).unwrap();
+    let f32_detector = detector(&bundle, BackbonePrecision::F32);
+    let int8_detector = detector(&bundle, BackbonePrecision::Int8);
+    let integer = |d: &Detector<'_>| {
+        d.backbone_kernels()
+            .matmul_kernels
+            .iter()
+            .filter(|(name, _)| name.contains("i32"))
+            .map(|(_, count)| count)
+            .sum::<usize>()
+    };
+    let int8_kernels = int8_detector.backbone_kernels();
+    assert!(integer(&int8_detector) > 0, "no integer matmul kernel in {int8_kernels}");
+    assert_eq!(integer(&f32_detector), 0, "{}", f32_detector.backbone_kernels());
+}
+
+#[test]
+fn bundle_without_int8_backbone_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(repo_path("models/default")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let manifest_path = dir.path().join(MANIFEST_FILE);
+    let mut manifest: Manifest =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    manifest.backbone.int8 = None;
+    std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+
+    let bundle = Bundle::open(dir.path()).unwrap();
+    let options = DetectorOptions {
+        precision: BackbonePrecision::Int8,
+        ..Default::default()
+    };
+    let err = Detector::with_options(&bundle, &options).err().unwrap();
+    assert!(
+        matches!(err, DetectError::Bundle(BundleError::MissingInt8Backbone { .. })),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("daain-tools quantize"), "{message}");
+    assert!(Detector::new(&bundle, None).is_ok(), "the f32 backbone must still load");
+}
+
+#[test]
+fn altered_int8_backbone_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(repo_path("models/default")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let path = dir.path().join("backbone_int8.onnx");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+    let err = Bundle::open(dir.path()).err().expect("altered int8 backbone must be rejected");
+    assert!(matches!(err, BundleError::Hash { .. }), "{err}");
+}
+
+#[test]
+fn multithreaded_backbone_matches_single_thread() {
+    let bundle = Bundle::open(&repo_path("models/default")).unwrap();
+    let mut single = detector(&bundle, BackbonePrecision::F32);
+    let options = DetectorOptions {
+        threads: 2,
+        ..Default::default()
+    };
+    let mut multi = Detector::with_options(&bundle, &options).unwrap();
+    let frame = &test_frames(&bundle)[0];
+    let (a, _) = single.score_frame(frame, false).unwrap();
+    let (b, _) = multi.score_frame(frame, false).unwrap();
+    let kind = single.score_kind();
+    let (a, b) = (a.get(kind), b.get(kind));
+    assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "1 thread {a}, 2 threads {b}");
+}
