@@ -217,7 +217,7 @@ pub struct FrameScores {
     pub mc_dropout_entropy: Option<f64>,
 }
 
-/// What a set of frames is.
+/// Kind of a set of frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Category {
@@ -246,7 +246,7 @@ impl Category {
     }
 }
 
-/// What an attack did to the frames and their segmentation, averaged over frames.
+/// Effect of an attack on the frames and their segmentation, averaged over frames.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct AttackEffect {
     /// Fraction of pixels whose class differs from the clean frame's.
@@ -504,15 +504,15 @@ pub fn evaluate(config: &EvalConfig, bundle_dir: &Path) -> Result<Evaluation> {
             .map(|i| test_indices[i])
             .collect();
     }
-    let mut wanted: Vec<u64> = split.calibration.iter().chain(&test_indices).copied().collect();
-    wanted.sort_unstable();
+    let mut requested: Vec<u64> = split.calibration.iter().chain(&test_indices).copied().collect();
+    requested.sort_unstable();
     log::info!(
         "reading {} calibration and {} held-out frames of {}",
         split.calibration.len(),
         test_indices.len(),
         split.video.display()
     );
-    let frames = read_video_frames(&split.video, &wanted)?;
+    let frames = read_video_frames(&split.video, &requested)?;
     let calibration_frames: Vec<Frame> =
         frames.iter().filter(|f| split.calibration.contains(&f.index)).cloned().collect();
     let test_frames: Vec<Frame> = frames.into_iter().filter(|f| test_indices.contains(&f.index)).collect();

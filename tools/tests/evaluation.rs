@@ -47,7 +47,7 @@ fn small_config() -> EvalConfig {
     }
 }
 
-/// The first held-out test frame of the default bundle, resized to the network input.
+/// Reads the first held-out test frame of the default bundle, resized to the network input.
 fn held_out_network_frame() -> daain::source::Frame {
     let bundle = Bundle::open(&repo_path("models/default")).unwrap();
     let split = held_out_frames(&bundle).unwrap();
