@@ -412,9 +412,11 @@ mod tests {
     #[test]
     fn rss_is_read_on_linux() {
         if cfg!(target_os = "linux") {
+            // The two values are not compared: the kernel updates VmHWM lazily, so it can
+            // lag behind VmRSS (seen under qemu-user).
             let peak = peak_rss_bytes().expect("VmHWM is readable");
             let current = current_rss_bytes().expect("VmRSS is readable");
-            assert!(peak >= current, "peak {peak} below current {current}");
+            assert!(peak > 1 << 20, "implausible peak RSS {peak}");
             assert!(current > 1 << 20, "implausible RSS {current}");
         }
     }

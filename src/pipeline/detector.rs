@@ -311,6 +311,39 @@ impl<'b> Detector<'b> {
         segment: bool,
         timings: &mut StageTimings,
     ) -> Result<(), DetectError> {
+        self.sample_rgb_with_logits(rgb, width, height, segment, timings, |_| {})
+    }
+
+    /// Runs [`Detector::sample_frame`] and passes the class logits (classes x H x W,
+    /// row-major) to `inspect`. The backbone output is released on return, so this is
+    /// the only way to read the logits, for example to compute baseline scores from the
+    /// same forward pass.
+    pub fn sample_frame_with_logits(
+        &mut self,
+        frame: &Frame,
+        segment: bool,
+        timings: &mut StageTimings,
+        inspect: impl FnOnce(&[f32]),
+    ) -> Result<(), DetectError> {
+        self.sample_rgb_with_logits(
+            &frame.data,
+            frame.width,
+            frame.height,
+            segment,
+            timings,
+            inspect,
+        )
+    }
+
+    fn sample_rgb_with_logits(
+        &mut self,
+        rgb: &[u8],
+        width: usize,
+        height: usize,
+        segment: bool,
+        timings: &mut StageTimings,
+        inspect: impl FnOnce(&[f32]),
+    ) -> Result<(), DetectError> {
         let start = Instant::now();
         self.preprocessor.run(rgb, width, height, &mut self.input)?;
         let preprocessed = Instant::now();
@@ -323,6 +356,7 @@ impl<'b> Detector<'b> {
             argmax_classes(output.logits(), self.classes, &mut self.segmentation);
         }
         let sampled = Instant::now();
+        inspect(output.logits());
         timings.preprocess_ms = millis(preprocessed - start);
         timings.backbone_ms = millis(ran - preprocessed);
         timings.sampling_ms = millis(sampled - ran);

@@ -20,6 +20,29 @@ use crate::pth;
 
 /// Number of output classes: the 19 Cityscapes training classes and void (class 19).
 pub const NUM_CLASSES: usize = 20;
+/// Names of the output classes, indexed by Cityscapes train id.
+pub const CLASS_NAMES: [&str; NUM_CLASSES] = [
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+    "void",
+];
 /// Input height the exported network is built for.
 pub const INPUT_HEIGHT: usize = 256;
 /// Input width the exported network is built for.
@@ -496,6 +519,44 @@ impl Espnet {
     }
 
     fn forward_impl(&self, x: &Tensor, taps: &mut Taps) -> Tensor {
+        let encoded = self.encode(x, taps);
+        self.decode(&encoded, &encoded.output2_cat, taps)
+    }
+
+    /// Computes the mean softmax over `passes` forward passes with dropout at rate `p`
+    /// on the 256 encoder features that `encoder.classifier` reads, `[N, 20, H, W]`.
+    ///
+    /// The released weights have no dropout layer, so this inserts one for Monte Carlo
+    /// dropout (Gal and Ghahramani, 2016). The encoder runs once, because everything
+    /// before the dropout is deterministic; only the classifier and the decoder run
+    /// `passes` times. Draws come from libtorch's global generator (`tch::manual_seed`).
+    pub fn mc_dropout_probabilities(&self, input: &Tensor, p: f64, passes: usize) -> Result<Tensor> {
+        check_input(input)?;
+        ensure!(passes > 0, "Monte Carlo dropout needs at least 1 pass, got {passes}");
+        ensure!(
+            (0.0..1.0).contains(&p),
+            "invalid dropout rate {p}: expected a value in [0, 1)"
+        );
+        tch::no_grad(|| {
+            let mut taps = Vec::with_capacity(TAPS.len());
+            let encoded = self.encode(input, &mut taps);
+            let mut sum: Option<Tensor> = None;
+            for _ in 0..passes {
+                taps.clear();
+                let features = encoded.output2_cat.dropout(p, true);
+                let probabilities = self
+                    .decode(&encoded, &features, &mut taps)
+                    .softmax(1, Kind::Float);
+                sum = Some(match sum {
+                    Some(total) => total + probabilities,
+                    None => probabilities,
+                });
+            }
+            Ok(sum.expect("at least one pass") / passes as f64)
+        })
+    }
+
+    fn encode(&self, x: &Tensor, taps: &mut Taps) -> Encoded {
         let layers = &self.layers;
         let encoder = &layers.encoder;
         let output0 = encoder.level1.forward(x, taps);
@@ -522,12 +583,22 @@ impl Espnet {
         let output2_cat = encoder
             .b3
             .forward(&Tensor::cat(&[&output2_0, &output2], 1), taps);
+        Encoded {
+            output0,
+            output1_cat,
+            output2_cat,
+        }
+    }
 
+    /// Runs `encoder.classifier` on `features` (the encoder's `output2_cat`, possibly
+    /// with dropout applied) and the decoder on the result.
+    fn decode(&self, encoded: &Encoded, features: &Tensor, taps: &mut Taps) -> Tensor {
+        let layers = &self.layers;
         let output2_c = layers
             .br
-            .forward_t(&output2_cat.apply(&encoder.classifier), false)
+            .forward_t(&features.apply(&layers.encoder.classifier), false)
             .apply(&layers.up_l3);
-        let output1_c = output1_cat.apply(&layers.level3_c);
+        let output1_c = encoded.output1_cat.apply(&layers.level3_c);
         let combined = Tensor::cat(&[&output1_c, &output2_c], 1);
         let combined = layers.combine_l2_l3_br.forward(&combined, taps);
         let combined = layers.combine_l2_l3_block.forward(&combined, taps);
@@ -537,9 +608,19 @@ impl Espnet {
 
         let concat_features = layers
             .conv
-            .forward(&Tensor::cat(&[&comb_l2_l3, &output0], 1), taps);
+            .forward(&Tensor::cat(&[&comb_l2_l3, &encoded.output0], 1), taps);
         concat_features.apply(&layers.classifier)
     }
+}
+
+/// Encoder outputs that the decoder reads.
+struct Encoded {
+    /// `encoder.level1` output, 16 channels at half the input size.
+    output0: Tensor,
+    /// `encoder.b2` output, 131 channels at a quarter of the input size.
+    output1_cat: Tensor,
+    /// `encoder.b3` output, 256 channels at an eighth of the input size.
+    output2_cat: Tensor,
 }
 
 fn check_input(input: &Tensor) -> Result<()> {

@@ -125,6 +125,20 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         rounds: usize,
     },
+    /// Evaluate a bundle: DAAIN and baseline scores on clean held-out frames, perturbed
+    /// and attacked versions of them, out-of-distribution footage and benign stills.
+    /// Writes results.md, results.csv, frames.csv and PNG plots into the output directory.
+    Evaluate {
+        /// Evaluation settings (TOML), for example configs/eval-default.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Bundle directory; overrides the config's `bundle`.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Directory to write the results into.
+        #[arg(long)]
+        output: PathBuf,
+    },
     /// Train a bundle in one go (record, train and export): generate the mask, record activations of the training clip, train
     /// the flow, fit the scores, calibrate the threshold and write the bundle directory.
     BuildBundle {
@@ -206,7 +220,31 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
+        Command::Evaluate { config, bundle, output } => evaluate(&config, bundle, &output),
     }
+}
+
+fn evaluate(config_path: &std::path::Path, bundle: Option<PathBuf>, output: &std::path::Path) -> Result<()> {
+    let config = daain_tools::evaluate::EvalConfig::from_path(config_path)?;
+    let bundle_dir = bundle.unwrap_or_else(|| config.bundle.clone());
+    let evaluation = daain_tools::evaluate::evaluate(&config, &bundle_dir)
+        .with_context(|| format!("failed to evaluate bundle {}", bundle_dir.display()))?;
+    daain_tools::evaluate::check_complete(&evaluation)?;
+    let command = format!(
+        "daain-tools evaluate --config {} --bundle {} --output {}",
+        config_path.display(),
+        bundle_dir.display(),
+        output.display()
+    );
+    let targets = daain_tools::report::write_all(&evaluation, output, &command)?;
+    log::info!(
+        "wrote {}: mean AUROC {:.3}, mean FPR at 95% TPR {:.3}, clean false alarms {:.3}",
+        output.display(),
+        targets.mean_auroc,
+        targets.mean_fpr_at_95_tpr,
+        targets.clean_false_alarm_rate
+    );
+    Ok(())
 }
 
 fn export_onnx(weights_path: &std::path::Path, output: &std::path::Path) -> Result<()> {
