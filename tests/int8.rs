@@ -1,7 +1,7 @@
 //! The int8 backbone of the shipped bundle against its f32 backbone on real frames. The
-//! tests cover segmentation agreement, the change of the deciding score on clean and
-//! flipped frames, the kernels tract runs, and bundles without or with an altered int8
-//! model.
+//! tests cover segmentation agreement, whether the deciding score still separates clean
+//! from flipped frames, the kernels tract runs, and bundles without or with an altered
+//! int8 model.
 
 use std::path::{Path, PathBuf};
 
