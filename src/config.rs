@@ -56,7 +56,7 @@ pub struct Config {
 pub struct DetectorConfig {
     /// Replaces the bundle's calibrated threshold (in the unit of the bundle's score).
     pub threshold: Option<f64>,
-    /// Which of the bundle's backbone models runs. `int8` needs a bundle with a
+    /// Backbone model of the bundle to run. `int8` needs a bundle with a
     /// quantised backbone.
     pub backbone: BackbonePrecision,
     /// Threads for tract's matrix multiplications.

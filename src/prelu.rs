@@ -23,7 +23,7 @@ use tract_onnx::tract_hir::internal::{
     Solver, TensorProxy,
 };
 
-/// ONNX operator type of the fused node. Only this runtime's tract parser knows it.
+/// ONNX operator type of the fused node. Only this runtime's tract parser registers it.
 pub const OP_TYPE: &str = "DaainAffinePRelu";
 
 /// The typed tract operator: per-channel affine map and PRelu on an NCHW f32 tensor.

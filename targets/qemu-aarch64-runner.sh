@@ -7,6 +7,6 @@ export QEMU_CPU="${QEMU_CPU:-cortex-a72}"
 export TRACT_CPU_AARCH64_KIND="${TRACT_CPU_AARCH64_KIND:-$QEMU_CPU}"
 # The library path points the dynamic loader at the cross libraries. Without it, on a
 # machine that also has Debian's multiarch libc6:arm64 installed, qemu hangs at the first
-# thread spawn; with only the cross packages installed it changes nothing.
+# thread spawn. With only the cross packages installed, it changes nothing.
 exec qemu-aarch64 -L /usr/aarch64-linux-gnu -E LD_LIBRARY_PATH=/usr/aarch64-linux-gnu/lib \
     ${DAAIN_QEMU_ARGS:-} "$@"

@@ -84,8 +84,8 @@ fn int8_segmentation_agrees_with_f32() {
 /// scores, because the flow was trained on f32 activations.
 // NOTE: measured on 10 held-out frames, int8 moves clean NLL scores by up to about 2500
 // nats and puts 3 of the 10 above the threshold calibrated in f32, against none in f32.
-// An int8 bundle needs its threshold, and ideally its flow, fitted on int8 activations;
-// this test checks only that the int8 scores still separate the two sets.
+// An int8 bundle needs its threshold, and ideally its flow, fitted on int8 activations.
+// This test checks only that the int8 scores still separate the two sets.
 #[test]
 fn int8_keeps_flipped_frames_apart() {
     let bundle = Bundle::open(&repo_path("models/default")).unwrap();

@@ -1,5 +1,5 @@
 //! Camera reconnection on recorded frames. No V4L2 device exists on the test machines, so
-//! a real YUYV recording replayed through the camera's conversion stands in for the
+//! a real YUYV recording replayed through the camera's conversion replaces the
 //! camera, and a wrapper makes it fail the way a V4L2 read fails when the device is
 //! unplugged (ENODEV). The end-to-end test runs the real model on the shipped clip.
 

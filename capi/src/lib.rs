@@ -366,7 +366,8 @@ pub unsafe extern "C" fn daain_detector_create(
         if out.is_null() {
             return Err(Failure::null("out"));
         }
-        // SAFETY: `out` is valid for writes. The caller sees NULL whatever fails below.
+        // SAFETY: `out` is non-null, and the header requires it to be valid for writes.
+        // Writing NULL first leaves NULL in it on every failure below.
         unsafe { out.write(std::ptr::null_mut()) };
         // SAFETY: both strings are NULL or NUL-terminated.
         let bundle_dir = unsafe { path_argument(bundle_dir, "bundle_dir") }?;

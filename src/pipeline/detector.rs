@@ -129,7 +129,7 @@ impl FrameOutcome {
 pub struct DetectorOptions {
     /// Replaces the bundle's calibrated threshold when set.
     pub threshold: Option<f64>,
-    /// Which of the bundle's backbone models runs.
+    /// Backbone model of the bundle to run: f32 or int8.
     pub precision: BackbonePrecision,
     /// Threads for tract's matrix multiplications (at least 1).
     pub threads: usize,

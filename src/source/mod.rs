@@ -259,7 +259,7 @@ pub enum SourceError {
 const DEVICE_LOST_ERRNOS: [i32; 4] = [19, 6, 5, 108];
 
 impl SourceError {
-    /// Whether the error means the capture device went away (unplugged, powered off,
+    /// Returns whether the error means the capture device went away (unplugged, powered off,
     /// driver reset), so reopening it later may succeed. A damaged frame or a
     /// configuration error is not a lost device.
     pub fn is_device_lost(&self) -> bool {

@@ -45,7 +45,7 @@ impl Backoff {
     }
 }
 
-/// Counts of a [`Reconnecting`] source, shared with whoever holds a clone.
+/// Counts of a [`Reconnecting`] source. Every clone of the `Arc` reads the same counters.
 #[derive(Debug, Default)]
 pub struct ReconnectStats {
     lost: std::sync::atomic::AtomicU64,
@@ -75,7 +75,7 @@ pub type OpenFn<S> = Box<dyn FnMut() -> Result<S, SourceError> + Send>;
 
 /// A source that reopens itself with [`Backoff`] when its device disappears.
 ///
-/// Only errors for which [`SourceError::is_device_lost`] holds start a reconnection.
+/// Only errors for which [`SourceError::is_device_lost`] returns true start a reconnection.
 /// Other errors, such as one damaged frame, pass through to the caller unchanged.
 pub struct Reconnecting<S> {
     open: OpenFn<S>,
