@@ -36,6 +36,16 @@ impl LoopingReplay {
     /// Opens the clip. `frame_rate` must be positive and finite.
     pub fn open(mut open: OpenClip, frame_rate: f64) -> Result<Self, SourceError> {
         let source = open()?;
+        Self::with_first_pass(open, source, frame_rate)
+    }
+
+    /// Starts the replay with `source`, a clip that `open` already opened (for example to
+    /// read its frame rate), so the first pass does not open the file again.
+    pub fn with_first_pass(
+        open: OpenClip,
+        source: Box<dyn FrameSource>,
+        frame_rate: f64,
+    ) -> Result<Self, SourceError> {
         if !(frame_rate.is_finite() && frame_rate > 0.0) {
             return Err(SourceError::InvalidRequest {
                 path: source.describe().into(),

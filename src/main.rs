@@ -192,7 +192,7 @@ fn load_config(path: Option<&Path>) -> Result<Config> {
     })
 }
 
-/// The bundle directory: the option, else the config's `bundle`, else the default.
+/// Returns the bundle directory: the option, else the config's `bundle`, else the default.
 fn bundle_dir(option: Option<&PathBuf>, config: &Config) -> PathBuf {
     option
         .cloned()
@@ -316,13 +316,10 @@ fn bench_hil(args: BenchHilArgs) -> Result<()> {
     let mut detector = Detector::with_options(&bundle, &detector_options(&config))?;
 
     let spec = SourceSpec::Video(args.video.clone());
-    let open: daain::hil::OpenClip =
+    let mut open: daain::hil::OpenClip =
         Box::new(move || open_source(&spec, &SourceOptions::default()));
-    let probe = open_source(
-        &SourceSpec::Video(args.video.clone()),
-        &SourceOptions::default(),
-    )?;
-    let frame_rate = match (args.fps, probe.nominal_frame_rate()) {
+    let first_pass = open()?;
+    let frame_rate = match (args.fps, first_pass.nominal_frame_rate()) {
         (Some(fps), _) => fps,
         (None, Some(rate)) => rate,
         (None, None) => bail!(
@@ -330,8 +327,7 @@ fn bench_hil(args: BenchHilArgs) -> Result<()> {
             args.video.display()
         ),
     };
-    drop(probe);
-    let mut source = daain::hil::LoopingReplay::open(open, frame_rate)?;
+    let mut source = daain::hil::LoopingReplay::with_first_pass(open, first_pass, frame_rate)?;
     std::fs::create_dir_all(&args.report).with_context(|| {
         format!(
             "failed to create report directory {}",
