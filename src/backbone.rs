@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
 
+use crate::cpu::MatmulKernel;
 use crate::sampling::TapShape;
 
 /// Error while loading or running the backbone.
@@ -64,6 +66,7 @@ pub struct Backbone {
     input_shape: [usize; 4],
     logits_shape: Vec<usize>,
     taps: Vec<TapShape>,
+    matmul_kernels: Vec<(MatmulKernel, usize)>,
 }
 
 /// Outputs of one backbone run: logits first, then one tensor per tap.
@@ -164,6 +167,7 @@ impl Backbone {
                 }
             }
         }
+        let matmul_kernels = matmul_kernel_counts(&typed);
         let plan = typed.into_runnable().map_err(load_error)?;
         log::info!(
             "backbone {} loaded: input {:?}, logits {:?}, {} taps",
@@ -172,11 +176,17 @@ impl Backbone {
             logits_shape,
             taps.len()
         );
+        let kernel_list: Vec<String> = matmul_kernels
+            .iter()
+            .map(|(kernel, nodes)| format!("{} ({nodes} nodes)", kernel.name))
+            .collect();
+        log::info!("backbone matmul kernels: {}", kernel_list.join(", "));
         Ok(Self {
             plan,
             input_shape,
             logits_shape,
             taps,
+            matmul_kernels,
         })
     }
 
@@ -191,6 +201,13 @@ impl Backbone {
     /// Returns the shapes of the tapped activations, in tap order.
     pub fn taps(&self) -> &[TapShape] {
         &self.taps
+    }
+
+    /// Returns the matrix-multiplication kernels that tract chose for the plan, each with the
+    /// number of matmul nodes (convolutions included) that can run it, sorted by name. A
+    /// node can hold two kernels, one for matrix-vector products and one for the rest.
+    pub fn matmul_kernels(&self) -> &[(MatmulKernel, usize)] {
+        &self.matmul_kernels
     }
 
     /// Checks that the taps have the shapes a bundle expects.
@@ -225,6 +242,21 @@ impl Backbone {
             .map_err(BackboneError::Run)?;
         Ok(BackboneOutput { outputs })
     }
+}
+
+/// Counts the matmul nodes of an optimised model per kernel, sorted by kernel name.
+fn matmul_kernel_counts(model: &TypedModel) -> Vec<(MatmulKernel, usize)> {
+    let mut counts = std::collections::BTreeMap::<String, (MatmulKernel, usize)>::new();
+    for node in model.nodes() {
+        let Some(matmul) = node.op_as::<OptMatMul>() else {
+            continue;
+        };
+        for kernel in &matmul.mmm {
+            let kernel = MatmulKernel::of(&**kernel);
+            counts.entry(kernel.name.clone()).or_insert((kernel, 0)).1 += 1;
+        }
+    }
+    counts.into_values().collect()
 }
 
 /// Writes the per-pixel argmax of `logits` (classes x H x W) into `classes_out` (H x W).

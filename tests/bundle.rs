@@ -1,8 +1,9 @@
-//! The bundle format on the shipped default bundle: round trip, hash checks, and bundles
-//! that do not match their backbone.
+//! The bundle format on the shipped default bundle: round trip, hash checks, bundles that
+//! do not match their backbone, and the matmul kernels tract chooses for the backbone.
 
 use std::path::{Path, PathBuf};
 
+use daain::backbone::{Backbone, BackboneSpec};
 use daain::bundle::{Bundle, BundleError, Manifest, MANIFEST_FILE};
 use daain::pipeline::{DetectError, Detector};
 
@@ -111,4 +112,42 @@ fn bundle_naming_unknown_tensor_is_rejected() {
     let bundle = Bundle::open(dir.path()).unwrap();
     let err = Detector::new(&bundle, None).err().unwrap();
     assert!(err.to_string().contains("decoder.stage9"), "{err}");
+}
+
+#[test]
+fn backbone_uses_native_matmul_kernels() {
+    let bundle = Bundle::open(&default_bundle()).unwrap();
+    let manifest = bundle.manifest();
+    let spec = BackboneSpec {
+        path: bundle.backbone_path(),
+        input_height: manifest.input.height,
+        input_width: manifest.input.width,
+        logits: manifest.backbone.logits.clone(),
+        taps: manifest.backbone.taps.iter().map(|tap| tap.name.clone()).collect(),
+    };
+    let backbone = Backbone::load(&spec).unwrap();
+    let kernels = backbone.matmul_kernels();
+    // ESPNet's convolutions become matmuls in tract's optimised plan.
+    assert!(!kernels.is_empty(), "no matmul node in the optimised plan");
+    let native_expected = cfg!(target_arch = "aarch64") || has_avx2_fma();
+    if native_expected {
+        for (kernel, nodes) in kernels {
+            assert!(kernel.native, "{} ({nodes} nodes) is tract's portable fallback", kernel.name);
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    for (kernel, _) in kernels {
+        // SVE2, SME and Apple's AMX kernels would be native too, but the vehicle computers
+        // this crate targets (Cortex-A57 to A78) and the emulated Cortex-A72 have NEON only.
+        if !std::arch::is_aarch64_feature_detected!("sve2") {
+            assert!(kernel.name.starts_with("arm64"), "{}", kernel.name);
+        }
+    }
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
