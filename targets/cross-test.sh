@@ -1,29 +1,34 @@
 #!/usr/bin/env bash
-# Cross-builds the runtime library for aarch64 and runs its unit tests under qemu-user
-# with an emulated Cortex-A72 (see qemu-aarch64-runner.sh). Installs the cross toolchain
-# first when it is missing.
+# Cross-builds daain-edge for aarch64 with its default features (FFmpeg and V4L2) and runs
+# every runtime test under qemu-user with an emulated Cortex-A72 (see
+# qemu-aarch64-runner.sh): the unit tests and all of tests/, which run the real ESPNet on
+# the shipped footage. Then builds the runtime for armv7 without default features (built
+# only, not run). Installs what is missing first (cross-setup.sh). Arguments go to the
+# aarch64 `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TARGET=aarch64-unknown-linux-gnu
-missing=()
-for package in gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user; do
-    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
-done
-if ((${#missing[@]})); then
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+status=0
+targets/cross-setup.sh || status=$?
+if [ "$status" -eq 2 ]; then
+    echo "cross-test: skipped, no aarch64 Rust standard library could be installed" >&2
+    exit 0
+elif [ "$status" -ne 0 ]; then
+    exit "$status"
 fi
-if ! rustup target list --installed | grep -qx "$TARGET"; then
-    if ! rustup target add "$TARGET"; then
-        # TODO: fall back to Debian's rustc-web with libstd-rust-web-dev:arm64.
-        echo "cross-test: skipped, the $TARGET standard library could not be installed" >&2
-        exit 0
-    fi
+source targets/cross-env.sh
+
+SECONDS=0
+cargo test --target aarch64-unknown-linux-gnu --no-run
+build_seconds=$SECONDS
+SECONDS=0
+cargo test --target aarch64-unknown-linux-gnu "$@"
+echo "cross-test: aarch64 build ${build_seconds} s, tests under qemu ${SECONDS} s"
+
+if rustup target list --installed 2>/dev/null | grep -qx armv7-unknown-linux-gnueabihf; then
+    SECONDS=0
+    cargo build --target armv7-unknown-linux-gnueabihf --no-default-features
+    echo "cross-test: armv7 build ${SECONDS} s"
+else
+    echo "cross-test: armv7 build skipped, its Rust standard library is not installed" >&2
 fi
-# The library's unit tests, the flow kernels (NEON under the emulated Cortex-A72, checked
-# against the scalar kernel) and the FrEIA reference vectors.
-cargo test --target "$TARGET" --no-default-features --lib \
-    --test flow_kernels --test reference_vectors "$@"
