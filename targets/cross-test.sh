@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Cross-builds daain-edge for aarch64 with its default features (FFmpeg and V4L2) and runs
-# every runtime test under qemu-user with an emulated Cortex-A72 (see
-# qemu-aarch64-runner.sh): the unit tests and all of tests/, which run the real ESPNet on
-# the shipped footage. Then builds the runtime for armv7 without default features (built
-# only, not run). Installs what is missing first (cross-setup.sh). Arguments go to the
-# aarch64 `cargo test`.
+# its tests under qemu-user with an emulated Cortex-A72 (see qemu-aarch64-runner.sh).
+# Then builds the runtime for armv7 without default features (built only, not run).
+# Installs what is missing first (cross-setup.sh). Arguments go to the aarch64
+# `cargo test`.
+#
+# By default the tests that fit CI's time run: the unit tests, bundle (ESPNet loads and
+# its matmul kernels), flow_kernels, reference_vectors and sources (FFmpeg decoding).
+# DAAIN_CROSS_TESTS=all runs every test file. Under emulation one ESPNet frame took 40
+# to 50 s on a loaded 2-core machine, so detection (120 frames), pipeline and cli would
+# take hours. The SIGTERM test of cli also fails there, because its first JSON line comes
+# after the whole clip was decoded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,17 +24,27 @@ elif [ "$status" -ne 0 ]; then
 fi
 source targets/cross-env.sh
 
+select_rust_toolchain aarch64-unknown-linux-gnu
+if [ "${DAAIN_CROSS_TESTS:-}" = all ]; then
+    tests=(--lib --bins --tests)
+else
+    tests=(--lib --bins --test bundle --test flow_kernels --test reference_vectors --test sources)
+    # NOTE: detection, pipeline and cli need fewer frames under emulation before CI can
+    # run them here; until then they run natively only.
+    echo "cross-test: skipping detection, pipeline and cli under emulation" \
+        "(DAAIN_CROSS_TESTS=all runs them)" >&2
+fi
 SECONDS=0
-cargo test --target aarch64-unknown-linux-gnu --no-run
+cargo test --target aarch64-unknown-linux-gnu "${tests[@]}" --no-run
 build_seconds=$SECONDS
 SECONDS=0
-cargo test --target aarch64-unknown-linux-gnu "$@"
+cargo test --target aarch64-unknown-linux-gnu "${tests[@]}" "$@"
 echo "cross-test: aarch64 build ${build_seconds} s, tests under qemu ${SECONDS} s"
 
-if rustup target list --installed 2>/dev/null | grep -qx armv7-unknown-linux-gnueabihf; then
+if select_rust_toolchain armv7-unknown-linux-gnueabihf; then
     SECONDS=0
     cargo build --target armv7-unknown-linux-gnueabihf --no-default-features
     echo "cross-test: armv7 build ${SECONDS} s"
 else
-    echo "cross-test: armv7 build skipped, its Rust standard library is not installed" >&2
+    echo "cross-test: armv7 build skipped" >&2
 fi
