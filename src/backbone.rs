@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::tract_linalg::multithread::Executor;
+use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
 
+use crate::cpu::MatmulKernel;
 use crate::sampling::TapShape;
 
 /// Error while loading or running the backbone.
@@ -101,11 +103,13 @@ pub struct KernelSummary {
     /// Number of matrix multiplications per tract-linalg kernel name, for example
     /// `fma_mmm_f32_16x6` or `avx2_mmm_i32_8x8`.
     pub matmul_kernels: std::collections::BTreeMap<String, usize>,
+    /// The matmul kernels that are tract's portable Rust fallback rather than code written
+    /// for this CPU architecture (assembly or intrinsics).
+    pub portable_matmul_kernels: std::collections::BTreeSet<String>,
 }
 
 impl KernelSummary {
     fn of(model: &TypedModel) -> Self {
-        use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
         let mut summary = Self::default();
         for node in model.nodes() {
             *summary
@@ -114,10 +118,11 @@ impl KernelSummary {
                 .or_default() += 1;
             if let Some(matmul) = node.op_as::<OptMatMul>() {
                 for kernel in &matmul.mmm {
-                    *summary
-                        .matmul_kernels
-                        .entry(kernel.name().to_string())
-                        .or_default() += 1;
+                    let kernel = MatmulKernel::of(&**kernel);
+                    if !kernel.native {
+                        summary.portable_matmul_kernels.insert(kernel.name.clone());
+                    }
+                    *summary.matmul_kernels.entry(kernel.name).or_default() += 1;
                 }
             }
         }

@@ -1,29 +1,57 @@
 #!/usr/bin/env bash
-# Cross-builds the runtime library for aarch64 and runs its unit tests under qemu-user
-# with an emulated Cortex-A72 (see qemu-aarch64-runner.sh). Installs the cross toolchain
-# first when it is missing.
+# Cross-builds daain-edge for aarch64 with its default features (FFmpeg and V4L2) and runs
+# its tests under qemu-user with an emulated Cortex-A72 (see qemu-aarch64-runner.sh).
+# With DAAIN_CROSS_ARMV7=1, then builds the runtime for armv7 without default features
+# (built only, not run). CI leaves armv7 out: where rustup cannot fetch its standard
+# library, the Debian compiler it falls back to adds a second tract build of about 16
+# minutes, and that linked build has not yet been run to the end.
+# Installs what is missing first (cross-setup.sh). Arguments go to the aarch64
+# `cargo test`.
+#
+# By default the tests that fit CI's time and pass under emulation run: the unit tests,
+# bundle (ESPNet loads and its matmul kernels), flow_kernels and reference_vectors.
+# DAAIN_CROSS_TESTS=all runs every test file. Under emulation one ESPNet frame took 40
+# to 50 s on a loaded 2-core machine, so detection (120 frames), pipeline and cli would
+# take hours. The SIGTERM test of cli also fails there, because its first JSON line comes
+# after the whole clip was decoded. Three tests of sources fail on aarch64 because arm64
+# FFmpeg's YUV to RGB conversion differs from the x86 reference frames (mean difference
+# 0.66 and 0.68 against a tolerance of 0.1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TARGET=aarch64-unknown-linux-gnu
-missing=()
-for package in gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user; do
-    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
-done
-if ((${#missing[@]})); then
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+status=0
+targets/cross-setup.sh || status=$?
+if [ "$status" -eq 2 ]; then
+    echo "cross-test: skipped, no aarch64 Rust standard library could be installed" >&2
+    exit 0
+elif [ "$status" -ne 0 ]; then
+    exit "$status"
 fi
-if ! rustup target list --installed | grep -qx "$TARGET"; then
-    if ! rustup target add "$TARGET"; then
-        # TODO: fall back to Debian's rustc-web with libstd-rust-web-dev:arm64.
-        echo "cross-test: skipped, the $TARGET standard library could not be installed" >&2
-        exit 0
-    fi
+source targets/cross-env.sh
+
+select_rust_toolchain aarch64-unknown-linux-gnu
+if [ "${DAAIN_CROSS_TESTS:-}" = all ]; then
+    tests=(--lib --bins --tests)
+else
+    tests=(--lib --bins --test bundle --test flow_kernels --test reference_vectors)
+    # NOTE: detection, pipeline and cli need fewer frames under emulation before CI can
+    # run them here, and sources needs per-architecture tolerances or references.
+    echo "cross-test: skipping detection, pipeline, cli and sources under emulation" \
+        "(DAAIN_CROSS_TESTS=all runs them)" >&2
 fi
-# The library's unit tests, the flow kernels (NEON under the emulated Cortex-A72, checked
-# against the scalar kernel) and the FrEIA reference vectors.
-cargo test --target "$TARGET" --no-default-features --lib \
-    --test flow_kernels --test reference_vectors "$@"
+SECONDS=0
+cargo test --target aarch64-unknown-linux-gnu "${tests[@]}" --no-run
+build_seconds=$SECONDS
+SECONDS=0
+cargo test --target aarch64-unknown-linux-gnu "${tests[@]}" "$@"
+echo "cross-test: aarch64 build ${build_seconds} s, tests under qemu ${SECONDS} s"
+
+if [ "${DAAIN_CROSS_ARMV7:-}" != 1 ]; then
+    echo "cross-test: armv7 build skipped (DAAIN_CROSS_ARMV7=1 runs it)" >&2
+elif select_rust_toolchain armv7-unknown-linux-gnueabihf; then
+    SECONDS=0
+    cargo build --target armv7-unknown-linux-gnueabihf --no-default-features
+    echo "cross-test: armv7 build ${SECONDS} s"
+else
+    echo "cross-test: armv7 build skipped" >&2
+fi

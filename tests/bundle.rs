@@ -1,9 +1,10 @@
-//! The bundle format on the shipped default bundle: round trip, hash checks, and bundles
-//! that do not match their backbone.
+//! The bundle format on the shipped default bundle: round trip, hash checks, bundles that
+//! do not match their backbone, and the matmul kernels tract chooses for the backbone.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use daain::backbone::{Backbone, BackboneSpec};
 use daain::bundle::{Bundle, BundleError, Manifest, MANIFEST_FILE};
 use daain::pipeline::{DetectError, Detector};
 
@@ -174,5 +175,36 @@ fn file_name_outside_bundle_is_rejected() {
             .expect("file outside the bundle must be rejected");
         assert!(matches!(err, BundleError::Manifest { .. }), "{name}: {err}");
         assert!(err.to_string().contains(&format!("{name:?}")), "{err}");
+    }
+}
+
+#[test]
+fn backbone_uses_native_matmul_kernels() {
+    let bundle = Bundle::open(&default_bundle()).unwrap();
+    let manifest = bundle.manifest();
+    let spec = BackboneSpec {
+        path: bundle.backbone_path(),
+        input_height: manifest.input.height,
+        input_width: manifest.input.width,
+        logits: manifest.backbone.logits.clone(),
+        taps: manifest.backbone.taps.iter().map(|tap| tap.name.clone()).collect(),
+        threads: 1,
+    };
+    let backbone = Backbone::load(&spec).unwrap();
+    let kernels = backbone.kernels();
+    // ESPNet's convolutions become matmuls in tract's optimised plan.
+    assert!(!kernels.matmul_kernels.is_empty(), "no matmul node in the optimised plan");
+    // NOTE: checked on aarch64 only, the target the kernels were verified on under qemu.
+    #[cfg(target_arch = "aarch64")]
+    for (kernel, nodes) in &kernels.matmul_kernels {
+        assert!(
+            !kernels.portable_matmul_kernels.contains(kernel),
+            "{kernel} ({nodes} nodes) is tract's portable fallback"
+        );
+        // SVE2, SME and Apple's AMX kernels would be native too, but the vehicle computers
+        // this crate targets (Cortex-A57 to A78) and the emulated Cortex-A72 have NEON only.
+        if !std::arch::is_aarch64_feature_detected!("sve2") {
+            assert!(kernel.starts_with("arm64"), "{kernel}");
+        }
     }
 }

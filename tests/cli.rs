@@ -7,8 +7,22 @@ fn repo_path(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
 }
 
+/// Returns a command that starts the `daain` binary, through the runner in
+/// `DAAIN_TEST_RUNNER` when one is set. The qemu runner sets it for cross-built tests,
+/// because an emulated process cannot execute a binary of its own architecture itself.
+fn daain_command() -> Command {
+    match std::env::var_os("DAAIN_TEST_RUNNER") {
+        Some(runner) => {
+            let mut command = Command::new(runner);
+            command.arg(env!("CARGO_BIN_EXE_daain"));
+            command
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_daain")),
+    }
+}
+
 fn daain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_daain"))
+    daain_command()
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("RUST_LOG", "warn")
@@ -202,7 +216,7 @@ fn sigterm_stops_realtime_run_cleanly() {
     use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_daain"))
+    let mut child = daain_command()
         .args([
             "run",
             "--video",
