@@ -7,6 +7,8 @@
 //! backbone.onnx        the segmentation network with the tapped tensors as outputs
 //! mask.safetensors     `points`: U32 [n, 3], (channel, y, x) in the sampling space
 //! flow.safetensors     coupling-block weights (layout in `crate::flow`)
+//! plan.onnx            optional: backbone, mask gather and flow as one ONNX model with
+//!                      custom operators (see `crate::plan`)
 //! score.safetensors    `hbos.bin_edges` F64 [d, bins + 1], `hbos.log_density` F64
 //!                      [d, bins], `mahalanobis.mean` F32 [d], `mahalanobis.components`
 //!                      F32 [k, d], `mahalanobis.variances` F64 [k]
@@ -171,6 +173,10 @@ pub struct Manifest {
     pub flow: FlowManifest,
     pub score: ScoreManifest,
     pub threshold: ThresholdManifest,
+    /// The combined plan (backbone, gather and flow in one ONNX model, see
+    /// [`crate::plan`]). Bundles written before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<FileEntry>,
     /// Free-form provenance: training clip, frames, epochs, tool versions.
     #[serde(default)]
     pub training: serde_json::Value,
@@ -386,6 +392,10 @@ impl Bundle {
         let backbone = MappedFile::open(dir, &manifest.backbone.file)?;
         drop(backbone);
         log::debug!("bundle backbone {} hash checked", backbone_path.display());
+        if let Some(plan) = &manifest.plan {
+            drop(MappedFile::open(dir, plan)?);
+            log::debug!("bundle plan {} hash checked", dir.join(&plan.file).display());
+        }
         let mask = MappedFile::open(dir, &manifest.mask.file)?;
         let flow = MappedFile::open(dir, &manifest.flow.file)?;
         let score = MappedFile::open(dir, &manifest.score.file)?;
@@ -409,6 +419,11 @@ impl Bundle {
     /// Returns the path of the backbone ONNX model.
     pub fn backbone_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.backbone.file.file)
+    }
+
+    /// Returns the path of the combined plan, if the bundle has one.
+    pub fn plan_path(&self) -> Option<PathBuf> {
+        self.manifest.plan.as_ref().map(|plan| self.dir.join(&plan.file))
     }
 
     /// Returns the mask points, `(channel, y, x)` in the sampling space.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::alert::AlertPolicy;
-use crate::pipeline::OverloadPolicy;
+use crate::pipeline::{ExecutionMode, OverloadPolicy};
 
 /// Error while reading a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,9 @@ pub struct Config {
 pub struct DetectorConfig {
     /// Replaces the bundle's calibrated threshold (in the unit of the bundle's score).
     pub threshold: Option<f64>,
+    /// Where gather and flow run: `out-of-plan` (default) or `in-plan`, which needs a
+    /// bundle with `plan.onnx`.
+    pub execution: ExecutionMode,
 }
 
 /// Alert channel settings.

@@ -113,6 +113,10 @@ fn inspect(dir: &Path) -> Result<()> {
         "  flow        {} blocks, dim {}, hidden {}",
         manifest.flow.blocks, manifest.flow.dim, manifest.flow.hidden
     );
+    match &manifest.plan {
+        Some(plan) => println!("  plan        {} (backbone, gather and flow)", plan.file),
+        None => println!("  plan        none (run `daain-tools export-plan` to add one)"),
+    }
     println!("  score       {}", manifest.score.kind);
     println!(
         "  threshold   {} (false-positive rate {} on {} frames of {})",
@@ -136,7 +140,8 @@ fn run(args: RunArgs) -> Result<()> {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_BUNDLE));
     let bundle = Bundle::open(&bundle_dir)
         .with_context(|| format!("failed to open bundle {}", bundle_dir.display()))?;
-    let mut detector = Detector::new(&bundle, config.detector.threshold)?;
+    let mut detector =
+        Detector::with_mode(&bundle, config.detector.threshold, config.detector.execution)?;
 
     let spec = if let Some(path) = &args.video {
         SourceSpec::Video(path.clone())
@@ -196,7 +201,7 @@ fn run(args: RunArgs) -> Result<()> {
             serde_json::to_writer(&mut out, outcome)?;
             writeln!(out)?;
         } else {
-            writeln!(out, "{}", outcome.summary_line())?;
+            writeln!(out, "{}", outcome.summary())?;
         }
         // The CLI is the alert consumer: drain after every frame.
         for alert in alert_receiver.try_iter() {

@@ -4,5 +4,8 @@
 mod detector;
 mod run;
 
-pub use detector::{write_class_png, DetectError, Detector, FrameOutcome, Scores, StageTimings};
+pub use detector::{
+    write_class_png, DetectError, Detector, ExecutionMode, FrameOutcome, Scores, StageTimings,
+    SummaryLine,
+};
 pub use run::{run, OnFrame, OverloadPolicy, Pacing, RunOptions, RunSummary, StopFlag};
