@@ -7,6 +7,7 @@ pub mod flow;
 pub mod metrics;
 pub mod onnx;
 pub mod perturb;
+pub mod plan;
 pub mod pth;
 pub mod record;
 pub mod training;
