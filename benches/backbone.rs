@@ -45,7 +45,7 @@ fn backbones(c: &mut Criterion) {
     Preprocessor::new(bundle.manifest().input.clone())
         .run(&frame.data, frame.width, frame.height, &mut input)
         .unwrap();
-    let variants: Vec<(String, Backbone)> = [
+    let mut variants: Vec<(String, Backbone)> = [
         (BackbonePrecision::F32, 1),
         (BackbonePrecision::Int8, 1),
         (BackbonePrecision::F32, 2),
@@ -59,7 +59,7 @@ fn backbones(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("backbone");
     group.sample_size(10);
-    for (name, backbone) in &variants {
+    for (name, backbone) in &mut variants {
         group.bench_function(name.as_str(), |b| b.iter(|| backbone.run(&input).unwrap()));
     }
     group.finish();
@@ -70,7 +70,7 @@ fn backbones(c: &mut Criterion) {
         .unwrap_or(20);
     let mut times = vec![Vec::with_capacity(rounds); variants.len()];
     for _ in 0..rounds {
-        for ((_, backbone), samples) in variants.iter().zip(&mut times) {
+        for ((_, backbone), samples) in variants.iter_mut().zip(&mut times) {
             let start = Instant::now();
             backbone.run(&input).unwrap();
             samples.push(start.elapsed().as_secs_f64() * 1e3);

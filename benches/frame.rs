@@ -1,15 +1,22 @@
-//! Per-frame cost of the detector's stages on the shipped bundle and a real frame: the
-//! backbone, and the detector's own work after it (gather, flow, scores), measured in the
-//! same run so that their ratio is meaningful on any machine.
+//! Per-frame cost of the detector on the shipped bundle and a real frame.
+//!
+//! - `frame/preprocess_backbone_gather` and `frame/flow_and_scores`: the stages out of
+//!   plan, the backbone and the detector's own work after it.
+//! - `execution/out-of-plan` and `execution/in-plan`: a whole frame (`score_frame`) with
+//!   gather and flow after the backbone plan, and with backbone, gather and flow in the
+//!   one combined plan of `plan.onnx`. Each iteration of either benchmark runs one frame
+//!   in both modes, alternately, and times only its own, so both see the same machine
+//!   load and their ratio is meaningful on a shared machine.
 //!
 //! Run with `cargo bench --bench frame`.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 
 use daain::bundle::Bundle;
-use daain::pipeline::{Detector, StageTimings};
+use daain::pipeline::{Detector, ExecutionMode, StageTimings};
 use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
 
 fn first_frame() -> Frame {
@@ -20,8 +27,12 @@ fn first_frame() -> Frame {
     frame
 }
 
+fn open_bundle() -> Bundle {
+    Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default")).unwrap()
+}
+
 fn stages(c: &mut Criterion) {
-    let bundle = Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default")).unwrap();
+    let bundle = open_bundle();
     let mut detector = Detector::new(&bundle, None).unwrap();
     let frame = first_frame();
     let mut timings = StageTimings::default();
@@ -38,5 +49,35 @@ fn stages(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, stages);
+/// Runs `iters` frames through `timed` and as many through `other`, alternately, and
+/// returns the time `timed` took.
+fn alternate(timed: &mut Detector<'_>, other: &mut Detector<'_>, frame: &Frame, iters: u64) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        other.score_frame(frame, false).unwrap();
+        let start = Instant::now();
+        timed.score_frame(frame, false).unwrap();
+        total += start.elapsed();
+    }
+    total
+}
+
+fn execution_modes(c: &mut Criterion) {
+    let bundle = open_bundle();
+    let frame = first_frame();
+    let mut out_of_plan = Detector::with_mode(&bundle, None, ExecutionMode::OutOfPlan).unwrap();
+    let mut in_plan = Detector::with_mode(&bundle, None, ExecutionMode::InPlan).unwrap();
+
+    let mut group = c.benchmark_group("execution");
+    group.sample_size(10);
+    group.bench_function("out-of-plan", |b| {
+        b.iter_custom(|iters| alternate(&mut out_of_plan, &mut in_plan, &frame, iters))
+    });
+    group.bench_function("in-plan", |b| {
+        b.iter_custom(|iters| alternate(&mut in_plan, &mut out_of_plan, &frame, iters))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, stages, execution_modes);
 criterion_main!(benches);

@@ -135,6 +135,7 @@ fn main() -> Result<()> {
         threshold: None,
         precision: args.precision,
         threads: args.threads,
+        ..Default::default()
     };
     let mut detector = Detector::with_options(&bundle, &options)?;
     detector.score_frame(&frames[0], false)?;

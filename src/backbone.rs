@@ -14,7 +14,7 @@ use tract_onnx::tract_core::tract_linalg::multithread::Executor;
 use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
 
 use crate::cpu::MatmulKernel;
-use crate::sampling::TapShape;
+use crate::sampling::{TapShape, MAX_TAPS};
 
 /// Error while loading or running the backbone.
 #[derive(Debug, thiserror::Error)]
@@ -88,8 +88,7 @@ pub struct BackboneSpec {
 
 /// A loaded, optimised backbone plan.
 pub struct Backbone {
-    plan: Arc<TypedRunnableModel>,
-    input_shape: [usize; 4],
+    runner: PlanRunner,
     logits_shape: Vec<usize>,
     taps: Vec<TapShape>,
     kernels: KernelSummary,
@@ -108,8 +107,25 @@ pub struct KernelSummary {
     pub portable_matmul_kernels: std::collections::BTreeSet<String>,
 }
 
+/// Makes an optimised model runnable, with its matrix multiplications on `threads`
+/// threads (1 or 0: the calling thread).
+pub(crate) fn runnable(
+    typed: TypedModel,
+    threads: usize,
+) -> TractResult<Arc<TypedRunnableModel>> {
+    if threads > 1 {
+        let options = RunOptions {
+            executor: Some(Executor::multithread(threads)),
+            ..Default::default()
+        };
+        typed.into_runnable_with_options(&options)
+    } else {
+        typed.into_runnable()
+    }
+}
+
 impl KernelSummary {
-    fn of(model: &TypedModel) -> Self {
+    pub(crate) fn of(model: &TypedModel) -> Self {
         let mut summary = Self::default();
         for node in model.nodes() {
             *summary
@@ -157,6 +173,60 @@ pub struct BackboneOutput {
     outputs: TVec<TValue>,
 }
 
+/// An optimised plan with one f32 input, run through a state and an input tensor that
+/// live as long as the plan, so that a run allocates only what tract allocates itself.
+pub(crate) struct PlanRunner {
+    state: TypedSimpleState,
+    /// The input, shared with the plan during a run and written in place between runs.
+    input: Arc<Tensor>,
+    input_shape: [usize; 4],
+}
+
+impl PlanRunner {
+    pub(crate) fn new(
+        plan: Arc<TypedRunnableModel>,
+        input_shape: [usize; 4],
+    ) -> anyhow::Result<Self> {
+        let state = TypedSimpleState::new(&plan)?;
+        let input = Arc::new(Tensor::zero::<f32>(&input_shape)?);
+        Ok(Self {
+            state,
+            input,
+            input_shape,
+        })
+    }
+
+    pub(crate) fn input_shape(&self) -> [usize; 4] {
+        self.input_shape
+    }
+
+    /// Returns the input tensor's values for writing, CHW row-major.
+    ///
+    /// The plan releases its reference to the input at the end of every run, so this
+    /// allocates only if a caller kept a run's input alive, which nothing in this crate
+    /// does.
+    pub(crate) fn input_mut(&mut self) -> &mut [f32] {
+        if Arc::get_mut(&mut self.input).is_none() {
+            log::debug!("plan input still shared after a run; allocating a new one");
+            let fresh = Tensor::zero::<f32>(&self.input_shape).expect("an f32 shape");
+            self.input = Arc::new(fresh);
+        }
+        let tensor = Arc::get_mut(&mut self.input).expect("the input has one reference");
+        tensor
+            .to_plain_array_view_mut::<f32>()
+            .ok()
+            .and_then(|view| view.into_slice())
+            .expect("the input is a contiguous f32 tensor in host memory")
+    }
+
+    /// Runs the plan on the current input.
+    pub(crate) fn run(&mut self) -> anyhow::Result<TVec<TValue>> {
+        let _scope = crate::exec_scope::ScopeGuard::tract();
+        self.state
+            .run(tvec!(TValue::from_const(self.input.clone())))
+    }
+}
+
 impl BackboneOutput {
     /// Returns the class logits, 1 x classes x H x W, row-major.
     pub fn logits(&self) -> &[f32] {
@@ -170,9 +240,10 @@ impl BackboneOutput {
             .map(|t| plain_f32(t))
     }
 
-    /// Returns the tapped activations collected as slices.
-    pub fn tap_slices(&self) -> Vec<&[f32]> {
-        self.taps().collect()
+    /// Returns the tapped activations collected as slices, without allocating.
+    pub fn tap_slices(&self) -> heapless::Vec<&[f32], MAX_TAPS> {
+        // Backbone::load rejects more than MAX_TAPS taps.
+        self.taps().take(MAX_TAPS).collect()
     }
 }
 
@@ -214,6 +285,12 @@ impl Backbone {
             .with_input_fact(0, f32::fact(input_shape).into())
             .map_err(load_error)?;
 
+        if spec.taps.len() > MAX_TAPS {
+            return Err(load_error(anyhow::anyhow!(
+                "{} taps requested, at most {MAX_TAPS} are supported; tap fewer layers",
+                spec.taps.len()
+            )));
+        }
         let mut outputs = vec![spec.logits.clone()];
         outputs.extend(spec.taps.iter().cloned());
         for name in &outputs {
@@ -264,16 +341,7 @@ impl Backbone {
             }
         }
         let kernels = KernelSummary::of(&typed);
-        let plan = if spec.threads > 1 {
-            let options = RunOptions {
-                executor: Some(Executor::multithread(spec.threads)),
-                ..Default::default()
-            };
-            typed.into_runnable_with_options(&options)
-        } else {
-            typed.into_runnable()
-        }
-        .map_err(load_error)?;
+        let plan = runnable(typed, spec.threads).map_err(load_error)?;
         log::info!(
             "backbone {} loaded: input {:?}, logits {:?}, {} taps, {} thread(s)",
             spec.path.display(),
@@ -283,9 +351,9 @@ impl Backbone {
             spec.threads.max(1)
         );
         log::info!("backbone plan: {kernels}");
+        let runner = PlanRunner::new(plan, input_shape).map_err(load_error)?;
         Ok(Self {
-            plan,
-            input_shape,
+            runner,
             logits_shape,
             taps,
             kernels,
@@ -298,7 +366,7 @@ impl Backbone {
     }
 
     pub fn input_shape(&self) -> [usize; 4] {
-        self.input_shape
+        self.runner.input_shape()
     }
 
     pub fn logits_shape(&self) -> &[usize] {
@@ -324,23 +392,32 @@ impl Backbone {
         Ok(())
     }
 
-    /// Runs the backbone on one CHW input tensor.
-    pub fn run(&self, input: &[f32]) -> Result<BackboneOutput, BackboneError> {
-        let expected: usize = self.input_shape.iter().product();
+    /// Returns the input tensor's values for writing in place, CHW row-major, for
+    /// [`Backbone::run_in_place`].
+    pub fn input_mut(&mut self) -> &mut [f32] {
+        self.runner.input_mut()
+    }
+
+    /// Runs the backbone on the values written through [`Backbone::input_mut`].
+    pub fn run_in_place(&mut self) -> Result<BackboneOutput, BackboneError> {
+        let outputs = self.runner.run().map_err(BackboneError::Run)?;
+        Ok(BackboneOutput { outputs })
+    }
+
+    /// Copies one CHW input tensor into the plan's input and runs the backbone.
+    pub fn run(&mut self, input: &[f32]) -> Result<BackboneOutput, BackboneError> {
+        let input_shape = self.runner.input_shape();
+        let expected: usize = input_shape.iter().product();
         if input.len() != expected {
             return Err(BackboneError::InputLength {
                 actual: input.len(),
                 expected,
-                height: self.input_shape[2],
-                width: self.input_shape[3],
+                height: input_shape[2],
+                width: input_shape[3],
             });
         }
-        let tensor = Tensor::from_shape(&self.input_shape, input).map_err(BackboneError::Run)?;
-        let outputs = self
-            .plan
-            .run(tvec!(tensor.into()))
-            .map_err(BackboneError::Run)?;
-        Ok(BackboneOutput { outputs })
+        self.input_mut().copy_from_slice(input);
+        self.run_in_place()
     }
 }
 

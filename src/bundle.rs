@@ -9,6 +9,8 @@
 //!                      `daain-tools quantize --bundle DIR`
 //! mask.safetensors     `points`: U32 [n, 3], (channel, y, x) in the sampling space
 //! flow.safetensors     coupling-block weights (layout in `crate::flow`)
+//! plan.onnx            optional: backbone, mask gather and flow as one ONNX model with
+//!                      custom operators (see `crate::plan`)
 //! score.safetensors    `hbos.bin_edges` F64 [d, bins + 1], `hbos.log_density` F64
 //!                      [d, bins], `mahalanobis.mean` F32 [d], `mahalanobis.components`
 //!                      F32 [k, d], `mahalanobis.variances` F64 [k]
@@ -195,6 +197,10 @@ pub struct Manifest {
     pub flow: FlowManifest,
     pub score: ScoreManifest,
     pub threshold: ThresholdManifest,
+    /// The combined plan (backbone, gather and flow in one ONNX model, see
+    /// [`crate::plan`]). Bundles written before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<FileEntry>,
     /// Free-form provenance: training clip, frames, epochs, tool versions.
     #[serde(default)]
     pub training: serde_json::Value,
@@ -226,12 +232,19 @@ fn parse_manifest(text: &[u8], path: &Path) -> Result<Manifest, BundleError> {
             manifest.format_version
         )));
     }
+    let optional = [
+        manifest.backbone.int8.as_ref().map(|int8| &int8.file),
+        manifest.plan.as_ref(),
+    ];
     for entry in [
         &manifest.backbone.file,
         &manifest.mask.file,
         &manifest.flow.file,
         &manifest.score.file,
-    ] {
+    ]
+    .into_iter()
+    .chain(optional.into_iter().flatten())
+    {
         // A bundle is copied as one directory, so a name that leaves it (an absolute path
         // or `..`) would read a file that is not part of the bundle.
         let inside = !entry.file.is_empty()
@@ -499,6 +512,10 @@ impl Bundle {
             drop(BundleFile::map(dir, &int8.file)?);
             log::debug!("bundle int8 backbone {} hash checked", int8.file.file);
         }
+        if let Some(plan) = &manifest.plan {
+            drop(BundleFile::map(dir, plan)?);
+            log::debug!("bundle plan {} hash checked", plan.file);
+        }
         Ok(Self {
             dir: dir.to_owned(),
             mask: BundleFile::map(dir, &manifest.mask.file)?,
@@ -536,6 +553,9 @@ impl Bundle {
         if let Some(int8) = &manifest.backbone.int8 {
             load(&int8.file)?;
         }
+        if let Some(plan) = &manifest.plan {
+            load(plan)?;
+        }
         Ok(Self {
             dir: dir.to_owned(),
             mask: load(&manifest.mask.file)?,
@@ -569,6 +589,11 @@ impl Bundle {
                 }),
             },
         }
+    }
+
+    /// Returns the path of the combined plan, if the bundle has one.
+    pub fn plan_path(&self) -> Option<PathBuf> {
+        self.manifest.plan.as_ref().map(|plan| self.dir.join(&plan.file))
     }
 
     /// Returns the mask points, `(channel, y, x)` in the sampling space.

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::alert::AlertPolicy;
 use crate::backbone::BackbonePrecision;
-use crate::pipeline::OverloadPolicy;
+use crate::pipeline::{ExecutionMode, OverloadPolicy};
 use crate::source::Backoff;
 
 /// Maximum `alerts.capacity`. The alert channel allocates every slot when it is created,
@@ -61,6 +61,9 @@ pub struct DetectorConfig {
     pub backbone: BackbonePrecision,
     /// Threads for tract's matrix multiplications.
     pub threads: usize,
+    /// Where gather and flow run: `out-of-plan` (default) or `in-plan`, which needs a
+    /// bundle with `plan.onnx`.
+    pub execution: ExecutionMode,
 }
 
 impl Default for DetectorConfig {
@@ -69,6 +72,7 @@ impl Default for DetectorConfig {
             threshold: None,
             backbone: BackbonePrecision::F32,
             threads: 1,
+            execution: ExecutionMode::OutOfPlan,
         }
     }
 }

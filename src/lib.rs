@@ -7,7 +7,8 @@
 //! activations, [`sampling`] gathers the values at the bundle's blue-noise mask, [`flow`]
 //! maps that vector to a standard normal, [`score`] turns the flow output into an outlier
 //! score, and [`alert`] decides and reports. [`bundle`] loads the trained parameters of
-//! every stage, [`pipeline`] wires the stages into the real-time loop, and [`hil`]
+//! every stage, [`pipeline`] wires the stages into the real-time loop, [`plan`] runs backbone, gather
+//! and flow as one tract plan with custom operators, and [`hil`]
 //! replays a clip at camera rate through that loop and reports on it.
 
 pub mod alert;
@@ -15,12 +16,14 @@ pub mod backbone;
 pub mod bundle;
 pub mod config;
 pub mod cpu;
+pub mod exec_scope;
 pub mod flow;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hil;
 pub mod pipeline;
 pub mod prelu;
+pub mod plan;
 pub mod preprocess;
 pub mod sampling;
 pub mod score;

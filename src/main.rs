@@ -144,6 +144,10 @@ fn inspect(dir: &Path) -> Result<()> {
         "  flow        {} blocks, dim {}, hidden {}",
         manifest.flow.blocks, manifest.flow.dim, manifest.flow.hidden
     );
+    match &manifest.plan {
+        Some(plan) => println!("  plan        {} (backbone, gather and flow)", plan.file),
+        None => println!("  plan        none (run `daain-tools export-plan` to add one)"),
+    }
     println!("  score       {}", manifest.score.kind);
     println!(
         "  threshold   {} (false-positive rate {} on {} frames of {})",
@@ -182,6 +186,7 @@ fn detector_options(config: &Config) -> DetectorOptions {
         threshold: config.detector.threshold,
         precision: config.detector.backbone,
         threads: config.detector.threads,
+        execution: config.detector.execution,
     }
 }
 
@@ -263,7 +268,7 @@ fn run(args: RunArgs) -> Result<()> {
             serde_json::to_writer(&mut out, outcome)?;
             writeln!(out)?;
         } else {
-            writeln!(out, "{}", outcome.summary_line())?;
+            writeln!(out, "{}", outcome.summary())?;
         }
         // The CLI is the alert consumer: drain after every frame.
         for alert in alert_receiver.try_iter() {

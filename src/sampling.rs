@@ -15,6 +15,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+/// Maximum number of tapped layers. The frame loop passes the tap slices in a
+/// fixed-capacity list on the stack, so that gathering allocates nothing.
+pub const MAX_TAPS: usize = 64;
+
 /// Shape of one tapped activation (batch 1, CHW).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +64,8 @@ pub enum SamplingError {
         "mask points {first} and {second} read the same activation element: the mask is invalid"
     )]
     DuplicateElement { first: usize, second: usize },
+    #[error("{taps} taps given, at most {MAX_TAPS} are supported: tap fewer layers")]
+    TooManyTaps { taps: usize },
     #[error("expected {expected} tapped activations, got {actual}")]
     TapCount { expected: usize, actual: usize },
     #[error("tap {name} has {actual} values, expected {expected}")]
@@ -202,6 +208,9 @@ impl GatherPlan {
         input_height: usize,
         input_width: usize,
     ) -> Result<Self, SamplingError> {
+        if taps.len() > MAX_TAPS {
+            return Err(SamplingError::TooManyTaps { taps: taps.len() });
+        }
         let extent = sampling_extent(taps, input_height, input_width);
         let mut channel_starts = Vec::with_capacity(taps.len());
         let mut start = 0;

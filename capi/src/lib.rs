@@ -403,6 +403,7 @@ pub unsafe extern "C" fn daain_detector_create(
             threshold: config.detector.threshold,
             precision: config.detector.backbone,
             threads: config.detector.threads,
+            execution: config.detector.execution,
         };
         let detector = Detector::with_options(&bundle, &options)
             .map_err(|e| {

@@ -566,7 +566,8 @@ fn run_chain<'b, 'a: 'b, T: Element>(
     log_det
 }
 
-fn check_output<T: Element>(output: &[T], log_det: T) -> Result<(), FlowError> {
+/// Rejects a non-finite flow output or log|det J| with the errors of [`Flow::forward`].
+pub(crate) fn check_output<T: Element>(output: &[T], log_det: T) -> Result<(), FlowError> {
     if let Some(index) = output.iter().position(|v| !v.is_finite()) {
         return Err(FlowError::NonFiniteOutput { index });
     }

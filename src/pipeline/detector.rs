@@ -1,16 +1,22 @@
 //! The detector: wires preprocessing, backbone, sampling, flow and score together. The
 //! stages know nothing of each other. The detector owns the buffers that pass between
-//! them, allocated once when it is built.
+//! them, allocated once when it is built, so that scoring a frame allocates nothing of
+//! its own after the first frame (tract allocates its node outputs on every run).
+//!
+//! Backbone, gather and flow run either out of plan, as three stages one after the
+//! other, or in plan, as one tract model with custom operators (see [`crate::plan`]).
+//! Both compute the same values. [`ExecutionMode`] gives the reasons for the default.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::alert::AlertLevel;
 use crate::backbone::{argmax_classes, Backbone, BackboneError, BackbonePrecision, BackboneSpec};
 use crate::bundle::{Bundle, BundleError};
-use crate::flow::{Flow, FlowError, FlowScratch};
+use crate::flow::{check_output, Flow, FlowError, FlowScratch};
+use crate::plan::{CombinedPlan, PlanSpec};
 use crate::preprocess::{PreprocessError, Preprocessor};
 use crate::sampling::{GatherPlan, SamplingError};
 use crate::score::{Hbos, Mahalanobis, ScoreError, ScoreKind};
@@ -33,6 +39,66 @@ pub enum DetectError {
     Score(#[from] ScoreError),
     #[error(transparent)]
     Preprocess(#[from] PreprocessError),
+    #[error(
+        "execution mode in-plan needs a bundle with plan.onnx, and {} has none; add it \
+         with `daain-tools export-plan --bundle {}` or set detector.execution = \"out-of-plan\"",
+        dir.display(),
+        dir.display()
+    )]
+    MissingPlan { dir: std::path::PathBuf },
+    #[error(
+        "execution mode in-plan runs the bundle's plan.onnx, which holds the f32 backbone, \
+         so detector.backbone = \"{precision}\" cannot run in plan; set detector.backbone = \
+         \"f32\" or detector.execution = \"out-of-plan\""
+    )]
+    InPlanPrecision { precision: BackbonePrecision },
+    #[error("combined plan has flow dimension {actual}, the bundle's flow has {expected}")]
+    PlanDimension { actual: usize, expected: usize },
+}
+
+/// Placement of the gather and the flow.
+///
+/// `out-of-plan` is the default. It runs the backbone plan, then the gather and the flow
+/// as separate stages, and works with every bundle. `in-plan` runs the bundle's
+/// `plan.onnx`, in which tract evaluates gather and flow as custom operators after the
+/// backbone. Both give the same flow output, and `benches/frame.rs` times them
+/// alternately in the same run. In a debug build (dependencies optimised) on a loaded
+/// 2-core x86_64 machine, `daain run --json` measured 1.2 to 1.9 s per frame for the
+/// backbone and 3 to 35 ms for gather and flow together, so their placement can change
+/// the frame time by little. Out of plan stays the default because it needs no extra
+/// bundle file and reports the gather and flow times on their own.
+// NOTE: the in-plan/out-of-plan bench has not been run in release yet; the default
+// rests on the stage times above, not on that comparison.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExecutionMode {
+    /// Backbone plan, then gather and flow as separate stages.
+    #[default]
+    OutOfPlan,
+    /// Backbone, gather and flow as one tract plan (`plan.onnx`).
+    InPlan,
+}
+
+impl std::fmt::Display for ExecutionMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ExecutionMode::OutOfPlan => "out-of-plan",
+            ExecutionMode::InPlan => "in-plan",
+        })
+    }
+}
+
+/// The stages between the input tensor and the flow output.
+enum Stages<'b> {
+    OutOfPlan {
+        backbone: Backbone,
+        gather: GatherPlan,
+        flow: Flow<'b>,
+        scratch: FlowScratch<f32>,
+    },
+    InPlan {
+        plan: CombinedPlan,
+    },
 }
 
 /// Every score the detector computes for a frame, whichever one it decides on.
@@ -62,7 +128,9 @@ impl Scores {
     }
 }
 
-/// Time spent in each stage for one frame, in milliseconds.
+/// Time spent in each stage for one frame, in milliseconds. In plan, `backbone_ms`
+/// covers backbone, gather and flow, and `sampling_ms` and `flow_ms` only copying and
+/// checking the plan's outputs.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct StageTimings {
     /// Wait in the frame queue, from delivery by the source to the start of detection.
@@ -105,21 +173,43 @@ pub struct FrameOutcome {
 impl FrameOutcome {
     /// Formats a one-line human-readable report.
     pub fn summary_line(&self) -> String {
-        match (&self.error, self.score) {
-            (Some(error), _) => format!(
+        self.summary().to_string()
+    }
+
+    /// Returns the one-line report as a [`Display`](std::fmt::Display) value, which
+    /// writes it without building a `String`.
+    pub fn summary(&self) -> SummaryLine<'_> {
+        SummaryLine(self)
+    }
+}
+
+/// The one-line human-readable report of a [`FrameOutcome`].
+pub struct SummaryLine<'a>(&'a FrameOutcome);
+
+impl std::fmt::Display for SummaryLine<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let outcome = self.0;
+        match (&outcome.error, outcome.score) {
+            (Some(error), _) => write!(
+                f,
                 "frame {:5}  t={:8.3}s  ERROR {error}",
-                self.frame, self.time_s
+                outcome.frame, outcome.time_s
             ),
-            (None, Some(score)) => format!(
+            (None, Some(score)) => write!(
+                f,
                 "frame {:5}  t={:8.3}s  {} {:12.3}  threshold {:12.3}  {}",
-                self.frame,
-                self.time_s,
-                self.score_kind,
+                outcome.frame,
+                outcome.time_s,
+                outcome.score_kind,
                 score,
-                self.threshold,
-                if self.anomalous { "ANOMALOUS" } else { "ok" }
+                outcome.threshold,
+                if outcome.anomalous { "ANOMALOUS" } else { "ok" }
             ),
-            (None, None) => format!("frame {:5}  t={:8.3}s  not scored", self.frame, self.time_s),
+            (None, None) => write!(
+                f,
+                "frame {:5}  t={:8.3}s  not scored",
+                outcome.frame, outcome.time_s
+            ),
         }
     }
 }
@@ -133,6 +223,8 @@ pub struct DetectorOptions {
     pub precision: BackbonePrecision,
     /// Threads for tract's matrix multiplications (at least 1).
     pub threads: usize,
+    /// Where gather and flow run.
+    pub execution: ExecutionMode,
 }
 
 impl Default for DetectorOptions {
@@ -141,6 +233,7 @@ impl Default for DetectorOptions {
             threshold: None,
             precision: BackbonePrecision::F32,
             threads: 1,
+            execution: ExecutionMode::OutOfPlan,
         }
     }
 }
@@ -148,38 +241,109 @@ impl Default for DetectorOptions {
 /// Everything needed to score frames, built from a bundle.
 pub struct Detector<'b> {
     preprocessor: Preprocessor,
-    backbone: Backbone,
-    gather: GatherPlan,
-    flow: Flow<'b>,
-    scratch: FlowScratch<f32>,
+    stages: Stages<'b>,
     hbos: Hbos,
     mahalanobis: Mahalanobis,
     kind: ScoreKind,
     threshold: f64,
     classes: usize,
-    input: Vec<f32>,
     sample: Vec<f32>,
     z: Vec<f32>,
+    /// log|det dz/dx| of the last in-plan run, which computes it with the flow.
+    plan_log_det: f32,
     segmentation: Vec<u8>,
 }
 
 impl<'b> Detector<'b> {
-    /// Loads the f32 backbone on one thread and builds every stage from the bundle.
-    /// `threshold` replaces the bundle's calibrated threshold when given.
+    /// Loads the f32 backbone on one thread and builds every stage from the bundle, out
+    /// of plan. `threshold` replaces the bundle's calibrated threshold when given.
     pub fn new(bundle: &'b Bundle, threshold: Option<f64>) -> Result<Self, DetectError> {
+        Self::with_mode(bundle, threshold, ExecutionMode::default())
+    }
+
+    /// Builds the detector like [`Detector::new`], with gather and flow placed by
+    /// `mode`. [`ExecutionMode::InPlan`] needs a bundle with a combined plan.
+    pub fn with_mode(
+        bundle: &'b Bundle,
+        threshold: Option<f64>,
+        mode: ExecutionMode,
+    ) -> Result<Self, DetectError> {
         let options = DetectorOptions {
             threshold,
+            execution: mode,
             ..Default::default()
         };
         Self::with_options(bundle, &options)
     }
 
-    /// Loads the backbone of the requested precision and builds every stage from the
-    /// bundle.
+    /// Loads the backbone of the requested precision, placed as requested, and builds
+    /// every stage from the bundle.
     pub fn with_options(bundle: &'b Bundle, options: &DetectorOptions) -> Result<Self, DetectError> {
         let threshold = options.threshold;
+        let mode = options.execution;
         let manifest = bundle.manifest();
         let convention = manifest.input.clone();
+        crate::cpu::log_capabilities();
+        let dim = manifest.flow.dim;
+        let stages = match mode {
+            ExecutionMode::OutOfPlan => Self::out_of_plan_stages(bundle, options)?,
+            ExecutionMode::InPlan => {
+                if options.precision != BackbonePrecision::F32 {
+                    return Err(DetectError::InPlanPrecision {
+                        precision: options.precision,
+                    });
+                }
+                let path = bundle.plan_path().ok_or_else(|| DetectError::MissingPlan {
+                    dir: bundle.dir().to_owned(),
+                })?;
+                let plan = CombinedPlan::load(&PlanSpec {
+                    path,
+                    input_height: convention.height,
+                    input_width: convention.width,
+                    logits: manifest.backbone.logits.clone(),
+                    dim,
+                    threads: options.threads,
+                })?;
+                if plan.dim() != dim {
+                    return Err(DetectError::PlanDimension {
+                        actual: plan.dim(),
+                        expected: dim,
+                    });
+                }
+                Stages::InPlan { plan }
+            }
+        };
+        log::info!("detector: gather and flow run {mode}");
+        let (hbos, mahalanobis) = bundle.scores()?;
+        let classes = manifest.backbone.classes;
+        let threshold = threshold.unwrap_or(manifest.threshold.value);
+        if threshold != manifest.threshold.value {
+            log::info!(
+                "threshold {threshold} from the config replaces the bundle's {}",
+                manifest.threshold.value
+            );
+        }
+        Ok(Self {
+            preprocessor: Preprocessor::new(convention.clone()),
+            stages,
+            hbos,
+            mahalanobis,
+            kind: manifest.score.kind,
+            threshold,
+            classes,
+            sample: vec![0.0; dim],
+            z: vec![0.0; dim],
+            plan_log_det: 0.0,
+            segmentation: vec![0; convention.height * convention.width],
+        })
+    }
+
+    fn out_of_plan_stages(
+        bundle: &'b Bundle,
+        options: &DetectorOptions,
+    ) -> Result<Stages<'b>, DetectError> {
+        let manifest = bundle.manifest();
+        let convention = &manifest.input;
         let spec = BackboneSpec {
             path: bundle.backbone_path_for(options.precision)?,
             input_height: convention.height,
@@ -193,7 +357,6 @@ impl<'b> Detector<'b> {
                 .collect(),
             threads: options.threads,
         };
-        crate::cpu::log_capabilities();
         log::info!("backbone precision: {}", options.precision);
         let backbone = Backbone::load(&spec)?;
         backbone.check_taps(&manifest.backbone.taps)?;
@@ -207,58 +370,61 @@ impl<'b> Detector<'b> {
         )
         .map_err(DetectError::Mask)?;
         let flow = bundle.flow()?;
-        let (hbos, mahalanobis) = bundle.scores()?;
-        let classes = manifest.backbone.classes;
-        let dim = flow.dim();
-        let threshold = threshold.unwrap_or(manifest.threshold.value);
-        if threshold != manifest.threshold.value {
-            log::info!(
-                "threshold {threshold} from the config replaces the bundle's {}",
-                manifest.threshold.value
-            );
-        }
-        Ok(Self {
-            preprocessor: Preprocessor::new(convention.clone()),
-            scratch: flow.scratch(),
-            gather,
-            flow,
-            hbos,
-            mahalanobis,
-            kind: manifest.score.kind,
-            threshold,
-            classes,
-            input: vec![0.0; convention.tensor_len()],
-            sample: vec![0.0; dim],
-            z: vec![0.0; dim],
-            segmentation: vec![0; convention.height * convention.width],
+        Ok(Stages::OutOfPlan {
             backbone,
+            gather,
+            scratch: flow.scratch(),
+            flow,
         })
     }
 
     /// Copies the flow weights borrowed from the bundle's memory map, so that the detector
     /// no longer borrows the bundle. Costs one copy of the flow file's tensors.
     pub fn into_owned(self) -> Detector<'static> {
+        let stages = match self.stages {
+            Stages::OutOfPlan {
+                backbone,
+                gather,
+                flow,
+                scratch,
+            } => Stages::OutOfPlan {
+                backbone,
+                gather,
+                flow: flow.into_owned(),
+                scratch,
+            },
+            Stages::InPlan { plan } => Stages::InPlan { plan },
+        };
         Detector {
             preprocessor: self.preprocessor,
-            backbone: self.backbone,
-            gather: self.gather,
-            flow: self.flow.into_owned(),
-            scratch: self.scratch,
+            stages,
             hbos: self.hbos,
             mahalanobis: self.mahalanobis,
             kind: self.kind,
             threshold: self.threshold,
             classes: self.classes,
-            input: self.input,
             sample: self.sample,
             z: self.z,
+            plan_log_det: self.plan_log_det,
             segmentation: self.segmentation,
         }
     }
 
-    /// Returns the operators and kernels tract chose for the backbone.
+    /// Returns the operators and kernels tract chose for the backbone, or for the
+    /// combined plan in plan.
     pub fn backbone_kernels(&self) -> &crate::backbone::KernelSummary {
-        self.backbone.kernels()
+        match &self.stages {
+            Stages::OutOfPlan { backbone, .. } => backbone.kernels(),
+            Stages::InPlan { plan } => plan.kernels(),
+        }
+    }
+
+    /// Returns where gather and flow run.
+    pub fn mode(&self) -> ExecutionMode {
+        match self.stages {
+            Stages::OutOfPlan { .. } => ExecutionMode::OutOfPlan,
+            Stages::InPlan { .. } => ExecutionMode::InPlan,
+        }
     }
 
     pub fn threshold(&self) -> f64 {
@@ -291,7 +457,8 @@ impl<'b> Detector<'b> {
     }
 
     /// Runs preprocessing, backbone and sampling on a frame and leaves the sampled
-    /// vector in [`Detector::sample`]. With `segment`, also fills the class map.
+    /// vector in [`Detector::sample`]. With `segment`, also fills the class map. In
+    /// plan, the flow runs here too and [`Detector::score_sample`] reads its output.
     pub fn sample_frame(
         &mut self,
         frame: &Frame,
@@ -345,30 +512,59 @@ impl<'b> Detector<'b> {
         inspect: impl FnOnce(&[f32]),
     ) -> Result<(), DetectError> {
         let start = Instant::now();
-        self.preprocessor.run(rgb, width, height, &mut self.input)?;
+        let input = match &mut self.stages {
+            Stages::OutOfPlan { backbone, .. } => backbone.input_mut(),
+            Stages::InPlan { plan } => plan.input_mut(),
+        };
+        self.preprocessor.run(rgb, width, height, input)?;
         let preprocessed = Instant::now();
-        let output = self.backbone.run(&self.input)?;
-        let ran = Instant::now();
-        self.gather
-            .gather(&output.tap_slices(), &mut self.sample)
-            .map_err(DetectError::Sampling)?;
-        if segment {
-            argmax_classes(output.logits(), self.classes, &mut self.segmentation);
+        let ran;
+        match &mut self.stages {
+            Stages::OutOfPlan {
+                backbone, gather, ..
+            } => {
+                let output = backbone.run_in_place()?;
+                ran = Instant::now();
+                gather
+                    .gather(&output.tap_slices(), &mut self.sample)
+                    .map_err(DetectError::Sampling)?;
+                if segment {
+                    argmax_classes(output.logits(), self.classes, &mut self.segmentation);
+                }
+                inspect(output.logits());
+            }
+            Stages::InPlan { plan } => {
+                let output = plan.run().map_err(plan_error)?;
+                ran = Instant::now();
+                self.sample.copy_from_slice(output.sample());
+                self.z.copy_from_slice(output.z());
+                self.plan_log_det = output.log_det();
+                if segment {
+                    argmax_classes(output.logits(), self.classes, &mut self.segmentation);
+                }
+                inspect(output.logits());
+            }
         }
         let sampled = Instant::now();
-        inspect(output.logits());
         timings.preprocess_ms = millis(preprocessed - start);
         timings.backbone_ms = millis(ran - preprocessed);
         timings.sampling_ms = millis(sampled - ran);
         Ok(())
     }
 
-    /// Scores the vector in [`Detector::sample`].
+    /// Scores the vector in [`Detector::sample`]: runs the flow on it out of plan, or
+    /// takes the flow output of the last in-plan run.
     pub fn score_sample(&mut self, timings: &mut StageTimings) -> Result<Scores, DetectError> {
         let start = Instant::now();
-        let log_det = self
-            .flow
-            .forward(&self.sample, &mut self.z, &mut self.scratch)?;
+        let log_det = match &mut self.stages {
+            Stages::OutOfPlan { flow, scratch, .. } => {
+                flow.forward(&self.sample, &mut self.z, scratch)?
+            }
+            Stages::InPlan { .. } => {
+                check_output(&self.z, self.plan_log_det)?;
+                self.plan_log_det
+            }
+        };
         let flowed = Instant::now();
         let hbos = self.hbos.decision(&self.z)?;
         let scores = Scores {
@@ -393,6 +589,15 @@ impl<'b> Detector<'b> {
         self.sample_frame(frame, segment, &mut timings)?;
         let scores = self.score_sample(&mut timings)?;
         Ok((scores, timings))
+    }
+}
+
+/// Maps a failed combined run to the gather's error when a non-finite activation
+/// caused it, and to a backbone error otherwise.
+fn plan_error(error: anyhow::Error) -> DetectError {
+    match error.downcast::<SamplingError>() {
+        Ok(sampling) => DetectError::Sampling(sampling),
+        Err(other) => DetectError::Backbone(BackboneError::Run(other)),
     }
 }
 

@@ -5,6 +5,7 @@ mod detector;
 mod run;
 
 pub use detector::{
-    write_class_png, DetectError, Detector, DetectorOptions, FrameOutcome, Scores, StageTimings,
+    write_class_png, DetectError, Detector, DetectorOptions, ExecutionMode, FrameOutcome, Scores,
+    StageTimings,
 };
 pub use run::{run, OnFrame, OverloadPolicy, Pacing, RunOptions, RunSummary, StopFlag};

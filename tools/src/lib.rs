@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod onnx;
 pub mod perturb;
 pub mod plot;
+pub mod plan;
 pub mod pth;
 pub mod quantize;
 pub mod reference;

@@ -139,6 +139,14 @@ enum Command {
         #[arg(long)]
         output: PathBuf,
     },
+    /// Add the combined plan to a bundle: write plan.onnx (the backbone with the mask
+    /// gather and the flow as custom operators of the `ai.daain` domain) and record its
+    /// SHA-256 in the manifest. The other files stay as they are.
+    ExportPlan {
+        /// Bundle directory, for example models/default.
+        #[arg(long)]
+        bundle: PathBuf,
+    },
     /// Train a bundle in one go (record, train and export): generate the mask, record activations of the training clip, train
     /// the flow, fit the scores, calibrate the threshold and write the bundle directory.
     BuildBundle {
@@ -221,6 +229,11 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Evaluate { config, bundle, output } => evaluate(&config, bundle, &output),
+        Command::ExportPlan { bundle } => {
+            let path = daain_tools::plan::export_plan(&bundle)?;
+            log::info!("wrote {} and updated the manifest", path.display());
+            Ok(())
+        }
     }
 }
 

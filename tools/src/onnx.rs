@@ -73,12 +73,15 @@ fn tensor_value_info(name: &str, shape: &[usize]) -> pb::ValueInfoProto {
     }
 }
 
-/// Builder of one ONNX graph of f32 tensors in the default (`ai.onnx`) domain.
+/// Builder of one ONNX graph of f32 tensors, with nodes in the default (`ai.onnx`)
+/// domain or in custom domains.
 #[derive(Debug, Default)]
 pub struct GraphBuilder {
     graph: pb::GraphProto,
     /// Number of nodes per operator type.
     op_counts: BTreeMap<String, usize>,
+    /// Custom operator domains the nodes use, with their operator set versions.
+    custom_domains: BTreeMap<String, i64>,
 }
 
 impl GraphBuilder {
@@ -89,6 +92,14 @@ impl GraphBuilder {
                 name: name.to_owned(),
                 ..Default::default()
             },
+            ..Default::default()
+        }
+    }
+
+    /// Continues an existing graph, such as the graph of a model read from a file.
+    pub fn from_graph(graph: pb::GraphProto) -> Self {
+        Self {
+            graph,
             ..Default::default()
         }
     }
@@ -121,6 +132,68 @@ impl GraphBuilder {
         Ok(())
     }
 
+    /// Keeps only the graph outputs named in `names`, in their current order.
+    pub fn retain_outputs(&mut self, names: &[&str]) {
+        self.graph
+            .output
+            .retain(|output| names.contains(&output.name.as_str()));
+    }
+
+    /// Declares the value `name` as a graph output of the given element type and fixed
+    /// shape (an empty shape is a scalar).
+    pub fn typed_output(&mut self, name: &str, element: pb::tensor_proto::DataType, shape: &[usize]) {
+        let mut info = tensor_value_info(name, shape);
+        if let Some(pb::type_proto::Value::TensorType(tensor)) =
+            info.r#type.as_mut().and_then(|t| t.value.as_mut())
+        {
+            tensor.elem_type = element as i32;
+        }
+        self.graph.output.push(info);
+    }
+
+    /// Adds an i32 constant stored as little-endian `raw_data`.
+    pub fn initializer_i32(&mut self, name: &str, shape: &[usize], data: &[i32]) -> Result<()> {
+        let numel: usize = shape.iter().product();
+        ensure!(
+            numel == data.len(),
+            "initializer `{name}` has {} values, but its shape {shape:?} needs {numel}",
+            data.len()
+        );
+        self.graph.initializer.push(pb::TensorProto {
+            name: name.to_owned(),
+            dims: shape.iter().map(|&d| d as i64).collect(),
+            data_type: pb::tensor_proto::DataType::Int32 as i32,
+            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+        Ok(())
+    }
+
+    /// Adds a node of a custom operator domain with any number of outputs. The model
+    /// imports `domain` at `version`.
+    pub fn custom_node(
+        &mut self,
+        domain: &str,
+        version: i64,
+        op_type: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attributes: Vec<pb::AttributeProto>,
+    ) {
+        self.custom_domains.insert(domain.to_owned(), version);
+        let count = self.op_counts.entry(op_type.to_owned()).or_default();
+        *count += 1;
+        self.graph.node.push(pb::NodeProto {
+            name: format!("{op_type}_{count}"),
+            op_type: op_type.to_owned(),
+            domain: domain.to_owned(),
+            input: inputs.iter().map(|&i| i.to_owned()).collect(),
+            output: outputs.iter().map(|&o| o.to_owned()).collect(),
+            attribute: attributes,
+            ..Default::default()
+        });
+    }
+
     /// Adds a node with one output and returns the output's name.
     pub fn node(
         &mut self,
@@ -147,20 +220,33 @@ impl GraphBuilder {
         &self.op_counts
     }
 
-    /// Wraps the graph into a model for [`OPSET_VERSION`] and [`IR_VERSION`].
+    /// Wraps the graph into a model for [`OPSET_VERSION`] and [`IR_VERSION`], importing
+    /// the custom domains its nodes use.
     pub fn into_model(self, producer_name: &str) -> pb::ModelProto {
+        let mut opset_import = vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET_VERSION,
+        }];
+        for (domain, version) in self.custom_domains {
+            opset_import.push(pb::OperatorSetIdProto { domain, version });
+        }
         pb::ModelProto {
             ir_version: IR_VERSION,
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: OPSET_VERSION,
-            }],
+            opset_import,
             producer_name: producer_name.to_owned(),
             producer_version: env!("CARGO_PKG_VERSION").to_owned(),
             graph: Some(self.graph),
             ..Default::default()
         }
     }
+}
+
+/// Reads a model from a binary protobuf file.
+pub fn read_model(path: &Path) -> Result<pb::ModelProto> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("failed to read ONNX model {}", path.display()))?;
+    pb::ModelProto::decode(bytes.as_slice())
+        .with_context(|| format!("{} is not a valid ONNX model", path.display()))
 }
 
 /// Writes a model as a binary protobuf file.

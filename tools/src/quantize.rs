@@ -649,8 +649,8 @@ pub struct Agreement {
 
 /// Runs both backbones on every frame and compares logits argmax and taps.
 pub fn compare_backbones(
-    reference: &Backbone,
-    candidate: &Backbone,
+    reference: &mut Backbone,
+    candidate: &mut Backbone,
     frames: &[Frame],
     convention: &InputConvention,
 ) -> Result<Agreement> {
@@ -660,7 +660,7 @@ pub fn compare_backbones(
     let classes = reference.logits_shape()[1];
     let plane = convention.height * convention.width;
     let (mut class_a, mut class_b) = (vec![0u8; plane], vec![0u8; plane]);
-    let taps = reference.taps();
+    let taps = reference.taps().to_vec();
     let mut tap_error = vec![(0f64, 0f64); taps.len()];
     let (mut agreeing, mut min_frame) = (0usize, 1f64);
     for frame in frames {
@@ -694,13 +694,17 @@ pub fn compare_backbones(
 /// Median time of one backbone run, in milliseconds, for each of the given backbones.
 /// The runs are interleaved (one of each per round), so that load from other processes
 /// affects all of them alike.
-pub fn time_backbones(backbones: &[&Backbone], input: &[f32], rounds: usize) -> Result<Vec<f64>> {
+pub fn time_backbones(
+    backbones: &mut [&mut Backbone],
+    input: &[f32],
+    rounds: usize,
+) -> Result<Vec<f64>> {
     let mut times = vec![Vec::with_capacity(rounds); backbones.len()];
-    for backbone in backbones {
+    for backbone in backbones.iter_mut() {
         backbone.run(input)?;
     }
     for _ in 0..rounds {
-        for (backbone, samples) in backbones.iter().zip(&mut times) {
+        for (backbone, samples) in backbones.iter_mut().zip(&mut times) {
             let start = std::time::Instant::now();
             backbone.run(input)?;
             samples.push(start.elapsed().as_secs_f64() * 1e3);
@@ -765,9 +769,9 @@ pub fn run(
     log::info!("wrote {}", output.display());
 
     let taps = config.taps();
-    let reference = load_backbone(source, "logits", &taps, &convention)?;
-    let candidate = load_backbone(output, "logits", &taps, &convention)?;
-    let agreement = compare_backbones(&reference, &candidate, &test, &convention)?;
+    let mut reference = load_backbone(source, "logits", &taps, &convention)?;
+    let mut candidate = load_backbone(output, "logits", &taps, &convention)?;
+    let agreement = compare_backbones(&mut reference, &mut candidate, &test, &convention)?;
 
     let folded_path = match folded_f32_output {
         Some(path) => path.to_owned(),
@@ -775,10 +779,10 @@ pub fn run(
     };
     write_folded_f32(model, &folded_path)?;
     let median_ms = if timing_rounds > 0 {
-        let folded = load_backbone(&folded_path, "logits", &taps, &convention)?;
+        let mut folded = load_backbone(&folded_path, "logits", &taps, &convention)?;
         let mut input = vec![0.0f32; convention.tensor_len()];
         Preprocessor::new(convention.clone()).run(&test[0].data, test[0].width, test[0].height, &mut input)?;
-        let t = time_backbones(&[&reference, &folded, &candidate], &input, timing_rounds)?;
+        let t = time_backbones(&mut [&mut reference, &mut folded, &mut candidate], &input, timing_rounds)?;
         Some([t[0], t[1], t[2]])
     } else {
         None

@@ -638,6 +638,7 @@ pub fn export_bundle(
             mahalanobis_components: k,
             mahalanobis_residual_variance: mahalanobis_fit.residual_variance,
         },
+        plan: None,
         threshold: ThresholdManifest {
             value: threshold,
             false_positive_rate: config.threshold.false_positive_rate,
@@ -659,6 +660,7 @@ pub fn export_bundle(
     };
     let text = serde_json::to_string_pretty(&manifest)?;
     std::fs::write(output.join(MANIFEST_FILE), text + "\n")?;
+    crate::plan::export_plan(output)?;
     Ok(report)
 }
 

@@ -1,11 +1,12 @@
 //! The bundle build steps on a short stretch of the real clip: `record`, `train` and
-//! `export` as separate commands, then the runtime loads and runs the bundle they wrote.
+//! `export` as separate commands, then the runtime loads and runs the bundle they wrote,
+//! out of plan and in plan. Also `export-plan` on a bundle that has no plan.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use daain::bundle::Bundle;
-use daain::pipeline::Detector;
+use daain::bundle::{Bundle, Manifest, MANIFEST_FILE};
+use daain::pipeline::{Detector, ExecutionMode};
 use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
 
 fn repo_root() -> PathBuf {
@@ -110,6 +111,38 @@ fn record_train_export_gives_loadable_bundle() {
     let (scores, _) = detector.score_frame(&frame, false).unwrap();
     assert!(scores.hbos.is_finite());
     assert!(scores.nll.is_finite());
+
+    assert_eq!(manifest.plan.as_ref().map(|plan| plan.file.as_str()), Some("plan.onnx"));
+    let mut in_plan = Detector::with_mode(&bundle, None, ExecutionMode::InPlan).unwrap();
+    let (plan_scores, _) = in_plan.score_frame(&frame, false).unwrap();
+    let difference = (plan_scores.nll - scores.nll).abs() / scores.nll.abs().max(1.0);
+    assert!(difference < 1e-5, "nll in plan {} vs {}", plan_scores.nll, scores.nll);
+}
+
+#[test]
+fn export_plan_adds_plan_to_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(repo_root().join("models/default")).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "plan.onnx" {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let manifest_path = dir.path().join(MANIFEST_FILE);
+    let mut manifest: Manifest =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    manifest.plan = None;
+    std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+    let before = manifest;
+
+    tools(&["export-plan", "--bundle", dir.path().to_str().unwrap()]);
+
+    let bundle = Bundle::open(dir.path()).unwrap();
+    let after = bundle.manifest();
+    assert!(after.plan.is_some(), "the manifest lists no plan");
+    assert!(dir.path().join("plan.onnx").is_file());
+    assert_eq!(Manifest { plan: None, ..after.clone() }, before, "other manifest entries changed");
+    Detector::with_mode(&bundle, None, ExecutionMode::InPlan).unwrap();
 }
 
 #[test]

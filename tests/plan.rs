@@ -1,0 +1,139 @@
+//! The combined plan of the shipped bundle (`plan.onnx`: ESPNet, the mask gather and the
+//! flow as one tract model) against the stages run one after the other, on real frames:
+//! same sample, same flow output, same scores. Also the errors for bundles without a
+//! plan or with an altered one.
+
+use std::path::{Path, PathBuf};
+
+use daain::bundle::{Bundle, BundleError, Manifest, MANIFEST_FILE};
+use daain::pipeline::{DetectError, Detector, ExecutionMode};
+use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// Decodes every `step`-th frame of the training clip, `count` frames in all.
+fn clip_frames(step: u64, count: usize) -> Vec<Frame> {
+    let spec = SourceSpec::Video(repo_path("data/footage/solidWhiteRight.mp4"));
+    let mut source = open_source(&spec, &SourceOptions::default()).unwrap();
+    let mut frames = Vec::new();
+    let mut frame = Frame::new();
+    while frames.len() < count && source.next_frame(&mut frame).unwrap() {
+        if frame.index % step == 0 {
+            frames.push(frame.clone());
+        }
+    }
+    assert_eq!(frames.len(), count, "the clip is too short");
+    frames
+}
+
+/// Returns the largest `|a - b| / max(1, |b|)` over the two vectors.
+fn max_relative_difference(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs() / f64::from(y).abs().max(1.0))
+        .fold(0.0, f64::max)
+}
+
+fn relative(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1.0)
+}
+
+#[test]
+fn in_plan_matches_out_of_plan_on_clip() {
+    let bundle = Bundle::open(&repo_path("models/default")).unwrap();
+    assert!(
+        bundle.plan_path().is_some(),
+        "the shipped bundle has no plan.onnx; run `daain-tools export-plan --bundle models/default`"
+    );
+    let mut separate = Detector::with_mode(&bundle, None, ExecutionMode::OutOfPlan).unwrap();
+    let mut combined = Detector::with_mode(&bundle, None, ExecutionMode::InPlan).unwrap();
+    assert_eq!(separate.mode(), ExecutionMode::OutOfPlan);
+    assert_eq!(combined.mode(), ExecutionMode::InPlan);
+
+    let mut worst_sample = 0.0f64;
+    let mut worst_z = 0.0f64;
+    for frame in clip_frames(37, 6) {
+        let (expected, _) = separate.score_frame(&frame, true).unwrap();
+        let (actual, timings) = combined.score_frame(&frame, true).unwrap();
+        let sample = max_relative_difference(combined.sample(), separate.sample());
+        let z = max_relative_difference(combined.flow_output(), separate.flow_output());
+        eprintln!(
+            "frame {:3}: sample {sample:.2e}, z {z:.2e}, nll {} vs {}, plan {:.1} ms",
+            frame.index, actual.nll, expected.nll, timings.backbone_ms
+        );
+        worst_sample = worst_sample.max(sample);
+        worst_z = worst_z.max(z);
+
+        assert!(relative(actual.nll, expected.nll) < 1e-5, "nll {actual:?} vs {expected:?}");
+        assert!(relative(actual.hbos, expected.hbos) < 1e-5, "hbos {actual:?} vs {expected:?}");
+        assert!(
+            relative(actual.mahalanobis, expected.mahalanobis) < 1e-5,
+            "mahalanobis {actual:?} vs {expected:?}"
+        );
+        assert!(
+            relative(actual.euclidean, expected.euclidean) < 1e-5,
+            "euclidean {actual:?} vs {expected:?}"
+        );
+        let kind = separate.score_kind();
+        assert_eq!(
+            actual.get(kind) > combined.threshold(),
+            expected.get(kind) > separate.threshold(),
+            "the two modes decide frame {} differently",
+            frame.index
+        );
+        assert_eq!(
+            combined.segmentation(),
+            separate.segmentation(),
+            "class maps differ on frame {}",
+            frame.index
+        );
+    }
+    eprintln!("worst relative difference: sample {worst_sample:.2e}, z {worst_z:.2e}");
+    assert!(worst_sample < 1e-5, "samples differ by {worst_sample:.2e}");
+    assert!(worst_z < 1e-4, "flow outputs differ by {worst_z:.2e}");
+}
+
+/// Copies the shipped bundle into a temporary directory.
+fn copy_bundle() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(repo_path("models/default")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn in_plan_without_plan_names_the_fix() {
+    let dir = copy_bundle();
+    let manifest_path = dir.path().join(MANIFEST_FILE);
+    let mut manifest: Manifest =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    manifest.plan = None;
+    std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+
+    let bundle = Bundle::open(dir.path()).unwrap();
+    let error = Detector::with_mode(&bundle, None, ExecutionMode::InPlan)
+        .err()
+        .expect("in-plan needs plan.onnx");
+    assert!(matches!(error, DetectError::MissingPlan { .. }), "{error}");
+    assert!(error.to_string().contains("export-plan"), "{error}");
+    // The same bundle still runs out of plan.
+    Detector::with_mode(&bundle, None, ExecutionMode::OutOfPlan).unwrap();
+}
+
+#[test]
+fn altered_plan_is_rejected() {
+    let dir = copy_bundle();
+    let plan = dir.path().join("plan.onnx");
+    let mut bytes = std::fs::read(&plan).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&plan, bytes).unwrap();
+    let error = Bundle::open(dir.path()).err().expect("altered plan must be rejected");
+    assert!(matches!(error, BundleError::Hash { .. }), "{error}");
+    assert!(error.to_string().contains("plan.onnx"), "{error}");
+}
