@@ -1,28 +1,22 @@
 //! Time of one ESPNet run through tract on a real frame of the shipped clip: the bundle's
-//! f32 and int8 backbones, on 1 and 2 threads. Criterion times each variant, and then an
+//! f32 and int8 backbones, on 1 and 2 threads, and f32 without the BatchNorm+PRelu
+//! fusion of `daain::prelu` (tract's own lowering of PRelu to Mul, Greater and Iff). Criterion times each variant, and then an
 //! interleaved loop (one run of each variant per round, so that load from other processes
 //! hits all of them alike) prints each variant's median as a ratio to f32 on 1 thread.
 //!
 //! Run with `cargo bench --bench backbone`. `DAAIN_BENCH_ROUNDS` sets the rounds of the
 //! interleaved loop (default 20).
 
-use std::path::Path;
 use std::time::Instant;
 
+mod common;
+
+use common::{first_frame, open_bundle};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 use daain::backbone::{Backbone, BackbonePrecision, BackboneSpec};
 use daain::bundle::Bundle;
 use daain::preprocess::Preprocessor;
-use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
-
-fn first_frame() -> Frame {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/footage/solidWhiteRight.mp4");
-    let mut source = open_source(&SourceSpec::Video(path), &SourceOptions::default()).unwrap();
-    let mut frame = Frame::new();
-    assert!(source.next_frame(&mut frame).unwrap());
-    frame
-}
 
 fn load(bundle: &Bundle, precision: BackbonePrecision, threads: usize) -> Backbone {
     let manifest = bundle.manifest();
@@ -38,8 +32,7 @@ fn load(bundle: &Bundle, precision: BackbonePrecision, threads: usize) -> Backbo
 }
 
 fn backbones(c: &mut Criterion) {
-    let bundle =
-        Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default")).unwrap();
+    let bundle = open_bundle();
     let frame = first_frame();
     let mut input = vec![0.0; bundle.manifest().input.tensor_len()];
     Preprocessor::new(bundle.manifest().input.clone())
@@ -56,6 +49,13 @@ fn backbones(c: &mut Criterion) {
         (format!("{precision}_{threads}_thread"), load(&bundle, precision, threads))
     })
     .collect();
+    // The fusion is decided when a backbone loads, from this variable.
+    std::env::set_var("DAAIN_PRELU_FUSION", "off");
+    variants.push((
+        "f32_unfused_1_thread".to_string(),
+        load(&bundle, BackbonePrecision::F32, 1),
+    ));
+    std::env::remove_var("DAAIN_PRELU_FUSION");
 
     let mut group = c.benchmark_group("backbone");
     group.sample_size(10);

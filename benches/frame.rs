@@ -10,26 +10,15 @@
 //!
 //! Run with `cargo bench --bench frame`.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{first_frame, open_bundle};
 use criterion::{criterion_group, criterion_main, Criterion};
 
-use daain::bundle::Bundle;
 use daain::pipeline::{Detector, ExecutionMode, StageTimings};
-use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
-
-fn first_frame() -> Frame {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/footage/solidWhiteRight.mp4");
-    let mut source = open_source(&SourceSpec::Video(path), &SourceOptions::default()).unwrap();
-    let mut frame = Frame::new();
-    assert!(source.next_frame(&mut frame).unwrap());
-    frame
-}
-
-fn open_bundle() -> Bundle {
-    Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default")).unwrap()
-}
+use daain::source::Frame;
 
 fn stages(c: &mut Criterion) {
     let bundle = open_bundle();

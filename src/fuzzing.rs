@@ -98,14 +98,18 @@ impl BundleInput {
     /// them, falling back to the shipped names where the manifest names none.
     fn prepare(&self) -> (Vec<u8>, HashMap<String, Vec<u8>>) {
         let mut json: Option<serde_json::Value> = serde_json::from_slice(&self.manifest).ok();
-        // Inputs carry no int8 backbone. Like the f32 one it would only be hashed, so its
-        // manifest entry is dropped rather than its bytes packed.
+        // Inputs carry no int8 backbone and no combined plan. Like the f32 backbone they
+        // would only be hashed, so their manifest entries are dropped rather than their
+        // bytes packed.
         if let Some(backbone) = json
             .as_mut()
             .and_then(|j| j.get_mut("backbone"))
             .and_then(|b| b.as_object_mut())
         {
             backbone.remove("int8");
+        }
+        if let Some(manifest) = json.as_mut().and_then(|j| j.as_object_mut()) {
+            manifest.remove("plan");
         }
         let mut files = HashMap::new();
         for ((section, default_name), bytes) in FILE_SECTIONS.iter().zip(&self.files) {

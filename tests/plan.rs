@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use daain::bundle::{Bundle, BundleError, Manifest, MANIFEST_FILE};
-use daain::pipeline::{DetectError, Detector, ExecutionMode};
+use daain::backbone::BackbonePrecision;
+use daain::pipeline::{DetectError, Detector, DetectorOptions, ExecutionMode};
 use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
 
 fn repo_path(relative: &str) -> PathBuf {
@@ -136,4 +137,21 @@ fn altered_plan_is_rejected() {
     let error = Bundle::open(dir.path()).err().expect("altered plan must be rejected");
     assert!(matches!(error, BundleError::Hash { .. }), "{error}");
     assert!(error.to_string().contains("plan.onnx"), "{error}");
+}
+
+#[test]
+fn in_plan_with_int8_backbone_names_both_settings() {
+    let bundle = Bundle::open(&repo_path("models/default")).unwrap();
+    let options = DetectorOptions {
+        precision: BackbonePrecision::Int8,
+        execution: ExecutionMode::InPlan,
+        ..Default::default()
+    };
+    let error = Detector::with_options(&bundle, &options)
+        .err()
+        .expect("the combined plan holds the f32 backbone");
+    assert!(matches!(error, DetectError::InPlanPrecision { .. }), "{error}");
+    let message = error.to_string();
+    assert!(message.contains("detector.backbone = \"int8\""), "{message}");
+    assert!(message.contains("detector.execution = \"out-of-plan\""), "{message}");
 }
