@@ -2,9 +2,9 @@
 //! of a frame of the shipped clip.
 //!
 //! - `gather/mask`: [`GatherPlan::gather`], which reads only the masked elements.
-//! - `gather/upsample_then_index`: the peer, sampling as the reference Python pipeline does: every tap
-//!   upsampled (nearest neighbour) to the input size, then the mask's points read from
-//!   the upsampled maps. The maps are upsampled one tap at a time into one reused buffer,
+//! - `gather/upsample_then_index`: the peer, sampling as the reference Python pipeline
+//!   does: every tap upsampled (nearest neighbour) to the input size, then the mask's
+//!   points read from the upsampled maps. The maps are upsampled one tap at a time into one reused buffer,
 //!   which is cheaper in memory than the reference and still does all the copying.
 //!
 //! Both produce the same vector (checked before timing). Run with
