@@ -9,13 +9,12 @@
 # `cargo test`.
 #
 # By default the tests that fit CI's time and pass under emulation run: the unit tests,
-# bundle (ESPNet loads and its matmul kernels), flow_kernels and reference_vectors.
+# bundle (ESPNet loads and its matmul kernels), flow_kernels, reference_vectors and
+# sources (decoding with arm64 FFmpeg, with wider colour tolerances on aarch64).
 # DAAIN_CROSS_TESTS=all runs every test file. Under emulation one ESPNet frame took 40
 # to 50 s on a loaded 2-core machine, so detection (120 frames), pipeline and cli would
 # take hours. The SIGTERM test of cli also fails there, because its first JSON line comes
-# after the whole clip was decoded. Three tests of sources fail on aarch64 because arm64
-# FFmpeg's YUV to RGB conversion differs from the x86 reference frames (mean difference
-# 0.66 and 0.68 against a tolerance of 0.1).
+# after the whole clip was decoded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,10 +32,11 @@ select_rust_toolchain aarch64-unknown-linux-gnu
 if [ "${DAAIN_CROSS_TESTS:-}" = all ]; then
     tests=(--lib --bins --tests)
 else
-    tests=(--lib --bins --test bundle --test flow_kernels --test reference_vectors)
+    tests=(--lib --bins --test bundle --test flow_kernels --test reference_vectors
+        --test sources)
     # NOTE: detection, pipeline and cli need fewer frames under emulation before CI can
-    # run them here, and sources needs per-architecture tolerances or references.
-    echo "cross-test: skipping detection, pipeline, cli and sources under emulation" \
+    # run them here.
+    echo "cross-test: skipping detection, pipeline, cli and the others under emulation" \
         "(DAAIN_CROSS_TESTS=all runs them)" >&2
 fi
 SECONDS=0

@@ -32,6 +32,21 @@ fn reference_rgb(name: &str) -> (Vec<u8>, usize, usize) {
     (image.into_raw(), width as usize, height as usize)
 }
 
+/// Largest per-channel difference allowed against a reference frame. The references were
+/// converted to RGB by x86_64 FFmpeg. On aarch64, FFmpeg's swscale takes its NEON paths,
+/// which round differently: Debian's FFmpeg 5.1 under qemu (Cortex-A72) gave a mean
+/// difference of 0.66 to 1.02 and a maximum of 3. A wrong colour range or matrix shifts
+/// most pixels by far more than either bound.
+#[cfg(not(target_arch = "aarch64"))]
+const MAX_DIFFERENCE: u8 = 2;
+#[cfg(target_arch = "aarch64")]
+const MAX_DIFFERENCE: u8 = 3;
+/// Largest mean per-channel difference allowed against a reference frame.
+#[cfg(not(target_arch = "aarch64"))]
+const MEAN_DIFFERENCE: f64 = 0.1;
+#[cfg(target_arch = "aarch64")]
+const MEAN_DIFFERENCE: f64 = 1.5;
+
 /// Per-channel absolute differences: maximum, mean, and the share of values above 2.
 struct Difference {
     max: u8,
@@ -134,9 +149,9 @@ mod video {
         assert_eq!((frame.width, frame.height), (width, height));
 
         let difference = difference(&frame.data, &expected);
-        assert!(difference.max <= 2, "max difference {}", difference.max);
+        assert!(difference.max <= MAX_DIFFERENCE, "max difference {}", difference.max);
         assert!(
-            difference.mean <= 0.1,
+            difference.mean <= MEAN_DIFFERENCE,
             "mean difference {}",
             difference.mean
         );
@@ -176,12 +191,12 @@ mod video {
             assert_eq!((frame.width, frame.height), (width, height));
             let difference = difference(&frame.data, &expected);
             assert!(
-                difference.max <= 2,
+                difference.max <= MAX_DIFFERENCE,
                 "frame {index}: max difference {}",
                 difference.max
             );
             assert!(
-                difference.mean <= 0.1,
+                difference.mean <= MEAN_DIFFERENCE,
                 "frame {index}: mean {}",
                 difference.mean
             );
@@ -231,9 +246,9 @@ mod video {
         // MJPEG decodes to full-range YCbCr; a wrong range would shift every pixel.
         let (expected, _, _) = reference_rgb("mjpeg_480x270_frame0_ffmpeg_rgb24.png");
         let difference = difference(&frames[0].data, &expected);
-        assert!(difference.max <= 2, "max difference {}", difference.max);
+        assert!(difference.max <= MAX_DIFFERENCE, "max difference {}", difference.max);
         assert!(
-            difference.mean <= 0.1,
+            difference.mean <= MEAN_DIFFERENCE,
             "mean difference {}",
             difference.mean
         );

@@ -82,14 +82,14 @@ def main():
         ax.set_title(f"ESPNet 256x512, {args.threads} thread(s), same frames, interleaved")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(args.plots / "compare-latency.png", dpi=100)
+        fig.savefig(args.plots / f"compare-latency-{args.threads}t.png", dpi=100)
         fig, ax = plt.subplots(figsize=(8, 4))
         ax.bar(x, [results[k]["rss_mib"] for k, _ in VARIANTS])
         ax.set_xticks(x, labels, rotation=15)
         ax.set_ylabel("peak RSS (MiB)")
-        ax.set_title("Peak resident memory per process")
+        ax.set_title(f"Peak resident memory per process, {args.threads} thread(s)")
         fig.tight_layout()
-        fig.savefig(args.plots / "compare-memory.png", dpi=100)
+        fig.savefig(args.plots / f"compare-memory-{args.threads}t.png", dpi=100)
 
 
 if __name__ == "__main__":

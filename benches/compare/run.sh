@@ -10,7 +10,8 @@
 # Usage: benches/compare/run.sh [THREADS] [FRAMES] [ROUNDS]   (defaults 1, 20, 3)
 # Needs: tools/setup.sh done (libtorch, FFmpeg), python3 with venv; installs onnxruntime,
 # onnx, numpy and matplotlib from PyPI into target/compare-venv on first use.
-# Writes target/compare/*.jsonl, prints a Markdown table, and draws docs/img/compare-*.png.
+# Writes target/compare/*.jsonl, prints a Markdown table, and draws
+# docs/img/compare-latency-Nt.png and docs/img/compare-memory-Nt.png (N: THREADS).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 THREADS=${1:-1}
