@@ -219,6 +219,24 @@ impl PlanRunner {
             .expect("the input is a contiguous f32 tensor in host memory")
     }
 
+    /// Runs the plan on the current input, timing every node, and returns the time per
+    /// operator name.
+    pub(crate) fn profile_operators(
+        &mut self,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, std::time::Duration>> {
+        let mut totals = std::collections::BTreeMap::<String, std::time::Duration>::new();
+        let _scope = crate::exec_scope::ScopeGuard::tract();
+        let input = tvec!(TValue::from_const(self.input.clone()));
+        self.state
+            .run_plan_with_eval(input, |context, state, node, inputs| {
+                let start = std::time::Instant::now();
+                let outputs = tract_onnx::tract_core::plan::eval(context, state, node, inputs);
+                *totals.entry(node.op().name().to_string()).or_default() += start.elapsed();
+                outputs
+            })?;
+        Ok(totals)
+    }
+
     /// Runs the plan on the current input.
     pub(crate) fn run(&mut self) -> anyhow::Result<TVec<TValue>> {
         let _scope = crate::exec_scope::ScopeGuard::tract();
@@ -402,6 +420,15 @@ impl Backbone {
     pub fn run_in_place(&mut self) -> Result<BackboneOutput, BackboneError> {
         let outputs = self.runner.run().map_err(BackboneError::Run)?;
         Ok(BackboneOutput { outputs })
+    }
+
+    /// Runs the backbone once on the values written through [`Backbone::input_mut`] and
+    /// returns the time spent in each tract operator, keyed by operator name. Timing every
+    /// node adds a little overhead of its own, so use the shares rather than the sum.
+    pub fn profile_operators(
+        &mut self,
+    ) -> Result<std::collections::BTreeMap<String, std::time::Duration>, BackboneError> {
+        self.runner.profile_operators().map_err(BackboneError::Run)
     }
 
     /// Copies one CHW input tensor into the plan's input and runs the backbone.
