@@ -45,7 +45,7 @@ pub enum BackboneError {
         height: usize,
         width: usize,
     },
-    #[error("backbone inference failed: {0}")]
+    #[error("backbone inference failed: {0:#}")]
     Run(anyhow::Error),
 }
 
@@ -159,12 +159,13 @@ impl std::fmt::Display for KernelSummary {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        write!(
-            f,
-            "matmul kernels: {}; operators: {}",
-            list(&self.matmul_kernels),
-            list(&self.operators)
-        )
+        write!(f, "matmul kernels: {}", list(&self.matmul_kernels))?;
+        if !self.portable_matmul_kernels.is_empty() {
+            let portable: Vec<&str> =
+                self.portable_matmul_kernels.iter().map(String::as_str).collect();
+            write!(f, " (portable fallback: {})", portable.join(", "))?;
+        }
+        write!(f, "; operators: {}", list(&self.operators))
     }
 }
 

@@ -155,3 +155,28 @@ fn in_plan_with_int8_backbone_names_both_settings() {
     assert!(message.contains("detector.backbone = \"int8\""), "{message}");
     assert!(message.contains("detector.execution = \"out-of-plan\""), "{message}");
 }
+
+#[test]
+fn plan_of_older_flow_is_rejected() {
+    // A retrained flow with its manifest hash updated, and the plan left as it was.
+    let dir = copy_bundle();
+    let flow_path = dir.path().join("flow.safetensors");
+    let mut bytes = std::fs::read(&flow_path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&flow_path, &bytes).unwrap();
+    let manifest_path = dir.path().join(MANIFEST_FILE);
+    let mut manifest: Manifest =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    manifest.flow.file.sha256 = daain::bundle::sha256_hex(&bytes);
+    std::fs::write(&manifest_path, serde_json::to_string_pretty(&manifest).unwrap()).unwrap();
+
+    let bundle = Bundle::open(dir.path()).unwrap();
+    let error = Detector::with_mode(&bundle, None, ExecutionMode::InPlan)
+        .err()
+        .expect("a plan made from another flow must be rejected");
+    assert!(matches!(error, DetectError::PlanLoad { .. }), "{error}");
+    let message = format!("{error}");
+    assert!(message.contains("flow file"), "{message}");
+    assert!(message.contains("export-plan"), "{message}");
+}

@@ -52,8 +52,34 @@ pub enum DetectError {
          \"f32\" or detector.execution = \"out-of-plan\""
     )]
     InPlanPrecision { precision: BackbonePrecision },
-    #[error("combined plan has flow dimension {actual}, the bundle's flow has {expected}")]
-    PlanDimension { actual: usize, expected: usize },
+    #[error(
+        "combined plan of bundle {} does not fit the bundle: {}; re-create it with \
+         `daain-tools export-plan --bundle {}`",
+        dir.display(),
+        causes(source),
+        dir.display()
+    )]
+    PlanLoad {
+        dir: std::path::PathBuf,
+        #[source]
+        source: BackboneError,
+    },
+}
+
+/// Returns the causes of a plan load error joined by ": ". The outer message names a
+/// backbone model and is left out. An error without a cause is returned whole.
+fn causes(error: &BackboneError) -> String {
+    let mut parts = Vec::new();
+    let mut cause = std::error::Error::source(error);
+    while let Some(error) = cause {
+        parts.push(error.to_string());
+        cause = error.source();
+    }
+    if parts.is_empty() {
+        error.to_string()
+    } else {
+        parts.join(": ")
+    }
 }
 
 /// Placement of the gather and the flow.
@@ -300,13 +326,13 @@ impl<'b> Detector<'b> {
                     logits: manifest.backbone.logits.clone(),
                     dim,
                     threads: options.threads,
+                    mask_sha256: manifest.mask.file.sha256.clone(),
+                    flow_sha256: manifest.flow.file.sha256.clone(),
+                })
+                .map_err(|source| DetectError::PlanLoad {
+                    dir: bundle.dir().to_owned(),
+                    source,
                 })?;
-                if plan.dim() != dim {
-                    return Err(DetectError::PlanDimension {
-                        actual: plan.dim(),
-                        expected: dim,
-                    });
-                }
                 Stages::InPlan { plan }
             }
         };
@@ -516,6 +542,8 @@ impl<'b> Detector<'b> {
         self.preprocessor.run(rgb, width, height, input)?;
         let preprocessed = Instant::now();
         let ran;
+        // Taken before `inspect`, so that the caller's work is not counted as sampling.
+        let sampled;
         match &mut self.stages {
             Stages::OutOfPlan {
                 backbone, gather, ..
@@ -528,6 +556,7 @@ impl<'b> Detector<'b> {
                 if segment {
                     argmax_classes(output.logits(), self.classes, &mut self.segmentation);
                 }
+                sampled = Instant::now();
                 inspect(output.logits());
             }
             Stages::InPlan { plan } => {
@@ -539,10 +568,10 @@ impl<'b> Detector<'b> {
                 if segment {
                     argmax_classes(output.logits(), self.classes, &mut self.segmentation);
                 }
+                sampled = Instant::now();
                 inspect(output.logits());
             }
         }
-        let sampled = Instant::now();
         timings.preprocess_ms = millis(preprocessed - start);
         timings.backbone_ms = millis(ran - preprocessed);
         timings.sampling_ms = millis(sampled - ran);

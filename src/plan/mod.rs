@@ -42,6 +42,10 @@ pub const SAMPLE_OUTPUT: &str = "daain.sample";
 pub const FLOW_OUTPUT: &str = "daain.z";
 /// Name of the output holding the flow's log|det dz/dx| (f32 scalar).
 pub const LOG_DET_OUTPUT: &str = "daain.log_det";
+/// Metadata key of `plan.onnx` that records the SHA-256 of the mask file it was made from.
+pub const MASK_SHA256_KEY: &str = "daain.mask_sha256";
+/// Metadata key of `plan.onnx` that records the SHA-256 of the flow file it was made from.
+pub const FLOW_SHA256_KEY: &str = "daain.flow_sha256";
 
 /// Registers the custom operators in a tract-onnx operator register. tract-onnx keys
 /// its register by operator type alone, so the names carry a `Daain` prefix.
@@ -50,8 +54,8 @@ pub fn register_ops(register: &mut OnnxOpRegister) {
     register.insert(COUPLING_OP, ops::coupling_from_onnx);
 }
 
-/// Returns a tract-onnx loader that knows the standard operators, the fused
-/// BatchNorm+PRelu of [`crate::prelu`] and ours.
+/// Returns a tract-onnx loader for the standard operators, the fused BatchNorm+PRelu of
+/// [`crate::prelu`] and ours.
 pub fn onnx() -> tract_onnx::Onnx {
     let mut onnx = crate::prelu::onnx_parser();
     register_ops(&mut onnx.op_register);
@@ -70,6 +74,10 @@ pub struct PlanSpec {
     pub dim: usize,
     /// Threads tract's matrix multiplications run on, as for the backbone alone.
     pub threads: usize,
+    /// SHA-256 of the bundle's mask and flow files. The plan carries its own copy of the
+    /// mask points and flow weights, so it must record the same hashes.
+    pub mask_sha256: String,
+    pub flow_sha256: String,
 }
 
 /// A loaded, optimised combined plan.
@@ -117,6 +125,35 @@ fn plain_f32(tensor: &Tensor) -> &[f32] {
         .unwrap_or(&[])
 }
 
+/// Checks that the plan was made from the bundle's current mask and flow files.
+fn check_source_hashes(proto: &tract_onnx::pb::ModelProto, spec: &PlanSpec) -> anyhow::Result<()> {
+    let recorded = |key: &str| {
+        proto
+            .metadata_props
+            .iter()
+            .find(|entry| entry.key == key)
+            .map(|entry| entry.value.as_str())
+    };
+    for (key, file, expected) in [
+        (MASK_SHA256_KEY, "mask", &spec.mask_sha256),
+        (FLOW_SHA256_KEY, "flow", &spec.flow_sha256),
+    ] {
+        match recorded(key) {
+            Some(value) if value == expected => {}
+            Some(value) => anyhow::bail!(
+                "the plan was made from a {file} file with SHA-256 {value}, but the bundle's \
+                 {file} file has {expected}; re-create the plan with \
+                 `daain-tools export-plan --bundle DIR`"
+            ),
+            None => anyhow::bail!(
+                "the plan records no {file} hash ({key}); re-create it with \
+                 `daain-tools export-plan --bundle DIR`"
+            ),
+        }
+    }
+    Ok(())
+}
+
 impl CombinedPlan {
     /// Loads the plan with our operators registered, then types and optimises it.
     pub fn load(spec: &PlanSpec) -> Result<Self, BackboneError> {
@@ -132,6 +169,7 @@ impl CombinedPlan {
         let input_shape = [1, 3, spec.input_height, spec.input_width];
         let onnx = onnx();
         let mut proto = onnx.proto_model_for_path(&spec.path).map_err(load_error)?;
+        check_source_hashes(&proto, spec).map_err(load_error)?;
         if prelu_fusion_enabled() {
             let (prelus, batch_norms) = crate::prelu::fuse_affine_prelu(&mut proto);
             log::debug!("fused {prelus} PRelus and {batch_norms} BatchNorms before them");

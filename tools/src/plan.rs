@@ -9,8 +9,8 @@ use tract_onnx::pb;
 use daain::bundle::{sha256_hex, Bundle, FileEntry, Manifest, MANIFEST_FILE};
 use daain::flow::Flow;
 use daain::plan::{
-    CombinedPlan, PlanSpec, COUPLING_OP, DOMAIN, DOMAIN_VERSION, FLOW_OUTPUT, GATHER_OP,
-    LOG_DET_OUTPUT, SAMPLE_OUTPUT,
+    CombinedPlan, PlanSpec, COUPLING_OP, DOMAIN, DOMAIN_VERSION, FLOW_OUTPUT, FLOW_SHA256_KEY,
+    GATHER_OP, LOG_DET_OUTPUT, MASK_SHA256_KEY, SAMPLE_OUTPUT,
 };
 
 use crate::onnx::{attribute_float, attribute_int, read_model, write_model, GraphBuilder};
@@ -121,12 +121,24 @@ pub fn plan_model(
     builder.output(SAMPLE_OUTPUT, &[flow.dim()]);
     builder.output(FLOW_OUTPUT, &[flow.dim()]);
     builder.typed_output(LOG_DET_OUTPUT, pb::tensor_proto::DataType::Float, &[]);
-    Ok(builder.into_model("daain-tools"))
+    let mut model = builder.into_model("daain-tools");
+    // The runtime compares these with the manifest, so that a plan left behind by a
+    // retrained mask or flow is rejected instead of silently disagreeing with the bundle.
+    for (key, value) in [
+        (MASK_SHA256_KEY, &manifest.mask.file.sha256),
+        (FLOW_SHA256_KEY, &manifest.flow.file.sha256),
+    ] {
+        model.metadata_props.push(pb::StringStringEntryProto {
+            key: key.to_owned(),
+            value: value.clone(),
+        });
+    }
+    Ok(model)
 }
 
-/// Writes `plan.onnx` into a bundle directory from its backbone, mask and flow, records
-/// its SHA-256 in the manifest and checks that the runtime loads it. Returns the plan's
-/// path. A plan already in the bundle is replaced.
+/// Writes `plan.onnx` into a bundle directory from its backbone, mask and flow, checks
+/// that the runtime loads it, and then records its SHA-256 in the manifest. Returns the
+/// plan's path. A plan already in the bundle is replaced only once the new one loads.
 pub fn export_plan(bundle_dir: &Path) -> Result<PathBuf> {
     let bundle = Bundle::open(bundle_dir)
         .with_context(|| format!("failed to open bundle {}", bundle_dir.display()))?;
@@ -135,10 +147,32 @@ pub fn export_plan(bundle_dir: &Path) -> Result<PathBuf> {
     let points = bundle.mask_points()?;
     let flow = bundle.flow()?;
     let model = plan_model(backbone, &manifest, &points, &flow)?;
-    let path = bundle_dir.join(PLAN_FILE);
-    write_model(&model, &path)?;
     drop(flow);
     drop(bundle);
+
+    let path = bundle_dir.join(PLAN_FILE);
+    let staged = bundle_dir.join(format!("{PLAN_FILE}.new"));
+    write_model(&model, &staged)?;
+    let loaded = CombinedPlan::load(&PlanSpec {
+        path: staged.clone(),
+        input_height: manifest.input.height,
+        input_width: manifest.input.width,
+        logits: manifest.backbone.logits.clone(),
+        dim: manifest.flow.dim,
+        threads: 1,
+        mask_sha256: manifest.mask.file.sha256.clone(),
+        flow_sha256: manifest.flow.file.sha256.clone(),
+    });
+    if let Err(error) = loaded {
+        // Best effort: the error below matters more than a leftover staging file.
+        let _ = std::fs::remove_file(&staged);
+        return Err(error).with_context(|| {
+            format!("the runtime failed to load the exported plan {}", staged.display())
+        });
+    }
+    std::fs::rename(&staged, &path).with_context(|| {
+        format!("failed to move {} to {}", staged.display(), path.display())
+    })?;
 
     let bytes = std::fs::read(&path).with_context(|| format!("failed to read {}", path.display()))?;
     let mut manifest = manifest;
@@ -150,15 +184,5 @@ pub fn export_plan(bundle_dir: &Path) -> Result<PathBuf> {
     let manifest_path = bundle_dir.join(MANIFEST_FILE);
     std::fs::write(&manifest_path, text + "\n")
         .with_context(|| format!("failed to write {}", manifest_path.display()))?;
-
-    CombinedPlan::load(&PlanSpec {
-        path: path.clone(),
-        input_height: manifest.input.height,
-        input_width: manifest.input.width,
-        logits: manifest.backbone.logits.clone(),
-        dim: manifest.flow.dim,
-        threads: 1,
-    })
-    .with_context(|| format!("the runtime failed to load the exported plan {}", path.display()))?;
     Ok(path)
 }
