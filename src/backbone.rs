@@ -228,21 +228,37 @@ impl PlanRunner {
         let mut totals = std::collections::BTreeMap::<String, std::time::Duration>::new();
         let _scope = crate::exec_scope::ScopeGuard::tract();
         let input = tvec!(TValue::from_const(self.input.clone()));
-        self.state
+        let result = self
+            .state
             .run_plan_with_eval(input, |context, state, node, inputs| {
                 let start = std::time::Instant::now();
                 let outputs = tract_onnx::tract_core::plan::eval(context, state, node, inputs);
                 *totals.entry(node.op().name().to_string()).or_default() += start.elapsed();
                 outputs
-            })?;
+            });
+        self.clear_after_failure(result)?;
         Ok(totals)
     }
 
     /// Runs the plan on the current input.
     pub(crate) fn run(&mut self) -> anyhow::Result<TVec<TValue>> {
         let _scope = crate::exec_scope::ScopeGuard::tract();
-        self.state
-            .run(tvec!(TValue::from_const(self.input.clone())))
+        let result = self
+            .state
+            .run(tvec!(TValue::from_const(self.input.clone())));
+        self.clear_after_failure(result)
+    }
+
+    /// Passes `result` through. On failure it also drops the values that the failed run
+    /// left in the state, because tract 0.23.9 skips its own reset when a node fails and
+    /// they would otherwise stay alive until the next run.
+    fn clear_after_failure<T>(&mut self, result: anyhow::Result<T>) -> anyhow::Result<T> {
+        if result.is_err() {
+            if let Err(error) = self.state.reset_turn() {
+                log::warn!("failed to clear the plan's state after a failed run: {error:#}");
+            }
+        }
+        result
     }
 }
 

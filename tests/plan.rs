@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use daain::bundle::{Bundle, BundleError, Manifest, MANIFEST_FILE};
 use daain::backbone::BackbonePrecision;
 use daain::pipeline::{DetectError, Detector, DetectorOptions, ExecutionMode};
+use daain::plan::{CombinedPlan, PlanSpec};
+use daain::sampling::SamplingError;
 use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
 
 fn repo_path(relative: &str) -> PathBuf {
@@ -179,4 +181,35 @@ fn plan_of_older_flow_is_rejected() {
     let message = format!("{error}");
     assert!(message.contains("flow file"), "{message}");
     assert!(message.contains("export-plan"), "{message}");
+}
+
+#[test]
+fn failed_plan_run_releases_input() {
+    let bundle = Bundle::open(&repo_path("models/default")).unwrap();
+    let manifest = bundle.manifest();
+    let mut plan = CombinedPlan::load(&PlanSpec {
+        path: bundle.plan_path().unwrap(),
+        input_height: manifest.input.height,
+        input_width: manifest.input.width,
+        logits: manifest.backbone.logits.clone(),
+        dim: manifest.flow.dim,
+        threads: 1,
+        mask_sha256: manifest.mask.file.sha256.clone(),
+        flow_sha256: manifest.flow.file.sha256.clone(),
+    })
+    .unwrap();
+    let address = plan.input_mut().as_ptr();
+
+    plan.input_mut().fill(f32::NAN);
+    let error = plan.run().err().expect("NaN activations must fail the run");
+    assert!(
+        error.downcast_ref::<SamplingError>().is_some(),
+        "the gather must reject the NaN activations: {error:#}"
+    );
+
+    // The next frame reuses the input tensor and runs.
+    plan.input_mut().fill(0.0);
+    assert_eq!(plan.input_mut().as_ptr(), address);
+    let output = plan.run().unwrap();
+    assert!(output.z().iter().all(|v| v.is_finite()));
 }
