@@ -207,6 +207,10 @@ pub struct HilReport {
     pub rss_last_bytes: Option<u64>,
     /// SIMD features and the flow kernel, as logged at start.
     pub cpu: String,
+    /// Backbone precision, matmul threads and where gather and flow ran, for example
+    /// `f32 backbone, 1 thread(s), out-of-plan`. In plan, the `backbone` stage includes
+    /// gather and flow.
+    pub detector: String,
 }
 
 impl HilReport {
@@ -223,6 +227,7 @@ impl HilReport {
         summary: RunSummary,
         alerts_received: u64,
         mut samples: StageSamples,
+        detector: String,
     ) -> Self {
         let stages = STAGES
             .iter()
@@ -244,6 +249,7 @@ impl HilReport {
             rss_first_bytes: samples.rss_samples.first().copied(),
             rss_last_bytes: samples.rss_samples.last().copied(),
             cpu: crate::cpu::describe(),
+            detector,
         }
     }
 

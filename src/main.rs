@@ -383,6 +383,12 @@ fn bench_hil(args: BenchHilArgs) -> Result<()> {
         summary,
         alerts_received,
         samples,
+        format!(
+            "{} backbone, {} thread(s), {}",
+            config.detector.backbone,
+            config.detector.threads.max(1),
+            config.detector.execution
+        ),
     );
     let json_path = args.report.join("report.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")

@@ -87,6 +87,11 @@ fn bench_hil_short_soak() {
     assert!(scored > 0, "{text}");
     assert_eq!(summary["source_errors"].as_u64(), Some(0), "{text}");
     assert_eq!(report["frame_rate"].as_f64(), Some(5.0));
+    assert_eq!(
+        report["detector"].as_str(),
+        Some("f32 backbone, 1 thread(s), out-of-plan"),
+        "{text}"
+    );
     // Camera pacing: 30 frames at 5 fps take about 6 s.
     let elapsed = report["elapsed_s"].as_f64().unwrap();
     assert!(elapsed >= 5.5, "paced run took only {elapsed} s");
