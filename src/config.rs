@@ -61,7 +61,7 @@ pub struct DetectorConfig {
     pub backbone: BackbonePrecision,
     /// Threads for tract's matrix multiplications.
     pub threads: usize,
-    /// Where gather and flow run: `out-of-plan` (default) or `in-plan`, which needs a
+    /// Placement of gather and flow: `out-of-plan` (default) or `in-plan`, which needs a
     /// bundle with `plan.onnx`.
     pub execution: ExecutionMode,
 }
@@ -172,6 +172,19 @@ impl CameraConfig {
     }
 }
 
+/// Formats a TOML error with the line it points at. serde's message alone does not name
+/// the key when a value does not fit its type (for example a count too large for a 32-bit
+/// `usize` on armv7), so the line shows it.
+fn parse_message(error: &toml::de::Error, text: &str) -> String {
+    let Some(span) = error.span() else {
+        return error.message().to_owned();
+    };
+    let start = span.start.min(text.len());
+    let line = text[..start].matches('\n').count() + 1;
+    let line_text = text.lines().nth(line - 1).unwrap_or("").trim();
+    format!("line {line} (`{line_text}`): {}", error.message())
+}
+
 impl Config {
     /// Reads and validates a TOML configuration file.
     pub fn from_path(path: &Path) -> Result<Self, ConfigError> {
@@ -186,7 +199,7 @@ impl Config {
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.message().to_owned(),
+            message: parse_message(&e, text),
         })?;
         config.validate(path)?;
         Ok(config)
@@ -376,10 +389,25 @@ mod tests {
     #[test]
     fn huge_capacities_are_rejected() {
         let err = parse("[alerts]\ncapacity = 1000000000000\n").unwrap_err();
-        assert!(err.to_string().contains("alerts.capacity"), "{err}");
+        // With a 64-bit usize the value parses and validation names the whole key. With a
+        // 32-bit one (armv7) it does not fit, and the parse error shows its line.
+        let key = if cfg!(target_pointer_width = "64") {
+            "alerts.capacity"
+        } else {
+            "capacity = 1000000000000"
+        };
+        assert!(err.to_string().contains(key), "{err}");
         assert!(err.to_string().contains("1000000000000"), "{err}");
         let err = parse("[pipeline]\nqueue_capacity = 4096\n").unwrap_err();
         assert!(err.to_string().contains("pipeline.queue_capacity"), "{err}");
+    }
+
+    #[test]
+    fn mistyped_value_names_its_line() {
+        let err = parse("[alerts]\ncapacity = \"ten\"\n").unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("line 2"), "{message}");
+        assert!(message.contains("capacity = \"ten\""), "{message}");
     }
 
     #[test]

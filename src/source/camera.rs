@@ -428,6 +428,7 @@ mod device {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(feature = "camera")]
     use crate::source::SourceError;
 
     #[test]

@@ -218,10 +218,13 @@ pub(crate) fn pack_subnet_2(weight: &[f32], bias: &[f32], hidden: usize) -> Vec<
     packed
 }
 
+// Only the vector kernels (x86_64 and aarch64) use the constants below, so other
+// targets such as armv7 would warn that they are unused.
 /// Coefficients of the Cephes `tanhf` odd polynomial for `|x| < TANH_SMALL`:
 /// `tanh(x) = x + x^3 * P(x^2)`, highest degree first.
 // Cephes' coefficients, as in Eigen's and avx_mathfun's ports. They round to f32 on purpose.
 #[allow(clippy::excessive_precision)]
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 const TANH_POLYNOMIAL: [f32; 5] = [
     -5.704_988_7e-3,
     2.063_908_9e-2,
@@ -230,15 +233,18 @@ const TANH_POLYNOMIAL: [f32; 5] = [
     -3.333_328_2e-1,
 ];
 /// Below this magnitude tanh uses the polynomial, above it `1 - 2 / (exp(2|x|) + 1)`.
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 const TANH_SMALL: f32 = 0.625;
 /// tanh(x) rounds to 1 in f32 for x above about 9.01, so larger magnitudes are evaluated
 /// at 9.5, where the formula also returns exactly 1.
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 const TANH_SATURATION: f32 = 9.5;
 
 /// Coefficients of the Cephes `expf` polynomial on `|r| <= ln(2) / 2`:
 /// `exp(r) = 1 + r + r^2 * P(r)`, highest degree first.
 // Cephes' coefficients, as in Eigen's and avx_mathfun's ports. They round to f32 on purpose.
 #[allow(clippy::excessive_precision)]
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 const EXP_POLYNOMIAL: [f32; 6] = [
     1.987_569_2e-4,
     1.398_199_9e-3,
@@ -250,9 +256,13 @@ const EXP_POLYNOMIAL: [f32; 6] = [
 /// `ln(2)` split into an exactly representable high part and a correction (Cephes).
 // Cephes' coefficients, as in Eigen's and avx_mathfun's ports. They round to f32 on purpose.
 #[allow(clippy::excessive_precision)]
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 const LN2_HIGH: f32 = 0.693_359_375;
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 const LN2_LOW: f32 = -2.121_944_4e-4;
 /// exp of anything above this overflows f32: the kernels return infinity, as libm does.
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 const EXP_INPUT_MAX: f32 = 89.0;
 /// exp of anything below this rounds to 0 in f32.
+#[cfg_attr(not(any(target_arch = "x86_64", target_arch = "aarch64")), allow(dead_code))]
 const EXP_INPUT_MIN: f32 = -104.0;
