@@ -289,6 +289,25 @@ pub fn prelu_fusion_enabled() -> bool {
     std::env::var("DAAIN_PRELU_FUSION").map_or(true, |v| v != "off")
 }
 
+/// Reads an ONNX file with `onnx`, lets `check` inspect it, fuses each BatchNorm + PRelu
+/// pair into one operator unless `DAAIN_PRELU_FUSION=off`, and returns the model with
+/// its input fixed to an f32 tensor of `input_shape`.
+pub(crate) fn load_fused_model(
+    onnx: &tract_onnx::Onnx,
+    path: &std::path::Path,
+    input_shape: [usize; 4],
+    check: impl FnOnce(&tract_onnx::pb::ModelProto) -> anyhow::Result<()>,
+) -> anyhow::Result<InferenceModel> {
+    let mut proto = onnx.proto_model_for_path(path)?;
+    check(&proto)?;
+    if prelu_fusion_enabled() {
+        let (prelus, batch_norms) = crate::prelu::fuse_affine_prelu(&mut proto);
+        log::debug!("fused {prelus} PRelus and {batch_norms} BatchNorms before them");
+    }
+    onnx.model_for_proto_model(&proto)?
+        .with_input_fact(0, f32::fact(input_shape).into())
+}
+
 /// Returns the f32 data of a tensor in host memory, or an empty slice for any other tensor
 /// (the length checks of the consumers then name the mismatch).
 fn plain_f32(tensor: &Tensor) -> &[f32] {
@@ -308,17 +327,9 @@ impl Backbone {
             )));
         }
         let input_shape = [1, 3, spec.input_height, spec.input_width];
-        let onnx = crate::prelu::onnx_parser();
-        let mut proto = onnx.proto_model_for_path(&spec.path).map_err(load_error)?;
-        if prelu_fusion_enabled() {
-            let (prelus, batch_norms) = crate::prelu::fuse_affine_prelu(&mut proto);
-            log::debug!("fused {prelus} PRelus and {batch_norms} BatchNorms before them");
-        }
-        let mut model = onnx
-            .model_for_proto_model(&proto)
-            .map_err(load_error)?
-            .with_input_fact(0, f32::fact(input_shape).into())
-            .map_err(load_error)?;
+        let mut model =
+            load_fused_model(&crate::prelu::onnx_parser(), &spec.path, input_shape, |_| Ok(()))
+                .map_err(load_error)?;
 
         if spec.taps.len() > MAX_TAPS {
             return Err(load_error(anyhow::anyhow!(

@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use tract_onnx::model::OnnxOpRegister;
 use tract_onnx::prelude::*;
 
-use crate::backbone::{prelu_fusion_enabled, runnable, BackboneError, KernelSummary, PlanRunner};
+use crate::backbone::{load_fused_model, runnable, BackboneError, KernelSummary, PlanRunner};
 
 /// ONNX domain of the custom operators.
 pub const DOMAIN: &str = "ai.daain";
@@ -167,18 +167,10 @@ impl CombinedPlan {
             )));
         }
         let input_shape = [1, 3, spec.input_height, spec.input_width];
-        let onnx = onnx();
-        let mut proto = onnx.proto_model_for_path(&spec.path).map_err(load_error)?;
-        check_source_hashes(&proto, spec).map_err(load_error)?;
-        if prelu_fusion_enabled() {
-            let (prelus, batch_norms) = crate::prelu::fuse_affine_prelu(&mut proto);
-            log::debug!("fused {prelus} PRelus and {batch_norms} BatchNorms before them");
-        }
-        let mut model = onnx
-            .model_for_proto_model(&proto)
-            .map_err(load_error)?
-            .with_input_fact(0, f32::fact(input_shape).into())
-            .map_err(load_error)?;
+        let mut model = load_fused_model(&onnx(), &spec.path, input_shape, |proto| {
+            check_source_hashes(proto, spec)
+        })
+        .map_err(load_error)?;
         let outputs = [
             spec.logits.as_str(),
             SAMPLE_OUTPUT,
