@@ -120,7 +120,7 @@ mod tests {
     fn tract_prefers_native_matmul_kernel() {
         let matrix = preferred_matmul_kernel_f32(None);
         let vector = preferred_matmul_kernel_f32(Some(1));
-        // Tract's aarch64 dispatch always answers, with NEON kernels unless SVE2, SME or
+        // Tract's aarch64 dispatch always returns a kernel: a NEON one unless SVE2, SME or
         // Apple's AMX offer better ones.
         #[cfg(target_arch = "aarch64")]
         {

@@ -6,7 +6,7 @@
 //! set. `daain::exec_scope::in_tract` returns whether tract's plan execution is making
 //! the allocation (its node outputs, its per-run bookkeeping) or daain's code is. tract's
 //! count is printed, and only daain's count is asserted to be zero. This test binary
-//! holds one test, so no other test allocates on the counted thread.
+//! contains one test, so no other test allocates on the counted thread.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

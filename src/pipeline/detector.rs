@@ -246,7 +246,7 @@ pub struct DetectorOptions {
     pub precision: BackbonePrecision,
     /// Threads for tract's matrix multiplications (at least 1).
     pub threads: usize,
-    /// Where gather and flow run.
+    /// Placement of gather and flow.
     pub execution: ExecutionMode,
 }
 
