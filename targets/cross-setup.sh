@@ -11,7 +11,8 @@
 # cargo to that compiler for that target. DAAIN_CROSS_RUST=debian installs and selects
 # Debian's compiler even where rustup works.
 #
-# Exit status 2 means that no aarch64 standard library could be installed.
+# Exit status 2 means that no aarch64 standard library could be installed, and 3 that
+# everything but the arm64 FFmpeg packages was.
 set -euo pipefail
 
 SUDO=""
@@ -42,16 +43,22 @@ add_architecture() {
     fi
 }
 
-add_architecture arm64
 # Cross toolchains, the emulator, and clang for bindgen.
 install_packages pkg-config clang libclang-dev qemu-user \
     gcc-aarch64-linux-gnu libc6-dev-arm64-cross \
     gcc-arm-linux-gnueabihf libc6-dev-armhf-cross
 # FFmpeg for the `ffmpeg` feature. apt keeps the arm64 packages at the version of the
 # amd64 ones (a Multi-Arch: same requirement), upgrading the host's when they are older.
-install_packages libavcodec-dev:arm64 libavformat-dev:arm64 libavutil-dev:arm64 \
+# Where they cannot be installed (no arm64 package index, say), the aarch64 build goes
+# without FFmpeg and the exit status is 3.
+ffmpeg_installed=true
+add_architecture arm64
+if ! install_packages libavcodec-dev:arm64 libavformat-dev:arm64 libavutil-dev:arm64 \
     libswscale-dev:arm64 libswresample-dev:arm64 libavdevice-dev:arm64 \
-    libavfilter-dev:arm64
+    libavfilter-dev:arm64; then
+    echo "cross-setup: the arm64 FFmpeg packages could not be installed" >&2
+    ffmpeg_installed=false
+fi
 
 # Installs the Rust standard library for TARGET, whose Debian architecture is ARCH. It
 # keeps one that is installed already (rustup's or Debian's), else runs `rustup target
@@ -79,3 +86,4 @@ if [ "${DAAIN_CROSS_ARMV7:-}" != 1 ]; then
 elif ! install_rust_std armv7-unknown-linux-gnueabihf armhf; then
     echo "cross-setup: no armv7 Rust standard library; the armv7 build is skipped" >&2
 fi
+$ffmpeg_installed || exit 3
