@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use daain::alert::{self, Alert, AlertLevel, LevelTracker};
 use daain::bundle::Bundle;
-use daain::pipeline::{Detector, ExecutionMode, FrameOutcome, StageTimings};
+use daain::pipeline::{Detector, ExecutionMode, FrameOutcome};
 use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
 
 struct CountingAllocator;
@@ -107,21 +107,7 @@ impl FrameLoop<'_> {
     fn process(&mut self, frame: &Frame, segment: bool) {
         let kind = self.detector.score_kind();
         let threshold = self.detector.threshold();
-        let mut outcome = FrameOutcome {
-            frame: frame.index,
-            time_s: frame.timestamp.as_secs_f64(),
-            score: None,
-            score_kind: kind,
-            threshold,
-            anomalous: true,
-            level: AlertLevel::Error,
-            scores: None,
-            timings: StageTimings::default(),
-            latency_ms: 0.0,
-            deadline_missed: false,
-            error: None,
-            segmentation_size: self.detector.segmentation_size(),
-        };
+        let mut outcome = FrameOutcome::unscored(frame, &self.detector);
         let (scores, timings) = self.detector.score_frame(frame, segment).unwrap();
         let score = scores.get(kind);
         outcome.score = Some(score);

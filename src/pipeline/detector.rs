@@ -194,6 +194,26 @@ pub struct FrameOutcome {
 }
 
 impl FrameOutcome {
+    /// Creates the outcome of `frame` before it is scored: no score, and counted as failed
+    /// (anomalous, level ERROR) until the caller fills in the result.
+    pub fn unscored(frame: &Frame, detector: &Detector<'_>) -> Self {
+        Self {
+            frame: frame.index,
+            time_s: frame.timestamp.as_secs_f64(),
+            score: None,
+            score_kind: detector.score_kind(),
+            threshold: detector.threshold(),
+            anomalous: true,
+            level: AlertLevel::Error,
+            scores: None,
+            timings: StageTimings::default(),
+            latency_ms: 0.0,
+            deadline_missed: false,
+            error: None,
+            segmentation_size: detector.segmentation_size(),
+        }
+    }
+
     /// Formats a one-line human-readable report.
     pub fn summary_line(&self) -> String {
         self.summary().to_string()

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use serde::{Deserialize, Serialize};
 
-use super::detector::{millis, Detector, FrameOutcome, StageTimings};
+use super::detector::{millis, Detector, FrameOutcome};
 use crate::alert::{alert_due, Alert, AlertLevel, AlertSender, LevelTracker};
 use crate::source::{Frame, FrameSource};
 
@@ -513,21 +513,7 @@ fn detect_loop(
     for queued in frames.iter() {
         let started = Instant::now();
         let frame = queued.frame;
-        let mut outcome = FrameOutcome {
-            frame: frame.index,
-            time_s: frame.timestamp.as_secs_f64(),
-            score: None,
-            score_kind: kind,
-            threshold,
-            anomalous: true,
-            level: AlertLevel::Error,
-            scores: None,
-            timings: StageTimings::default(),
-            latency_ms: 0.0,
-            deadline_missed: false,
-            error: None,
-            segmentation_size: detector.segmentation_size(),
-        };
+        let mut outcome = FrameOutcome::unscored(&frame, detector);
         match detector.score_frame(&frame, options.segment) {
             Ok((scores, timings)) => {
                 let score = scores.get(kind);

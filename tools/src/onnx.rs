@@ -116,17 +116,30 @@ impl GraphBuilder {
 
     /// Adds an f32 constant stored as little-endian `raw_data`.
     pub fn initializer(&mut self, name: &str, shape: &[usize], data: &[f32]) -> Result<()> {
+        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.raw_initializer(name, shape, pb::tensor_proto::DataType::Float, data.len(), bytes)
+    }
+
+    /// Adds a constant of `count` values of type `data_type` whose little-endian bytes are
+    /// `raw_data`, after checking the count against `shape`.
+    fn raw_initializer(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        data_type: pb::tensor_proto::DataType,
+        count: usize,
+        raw_data: Vec<u8>,
+    ) -> Result<()> {
         let numel: usize = shape.iter().product();
         ensure!(
-            numel == data.len(),
-            "initializer `{name}` has {} values, but its shape {shape:?} needs {numel}",
-            data.len()
+            numel == count,
+            "initializer `{name}` has {count} values, but its shape {shape:?} needs {numel}"
         );
         self.graph.initializer.push(pb::TensorProto {
             name: name.to_owned(),
             dims: shape.iter().map(|&d| d as i64).collect(),
-            data_type: pb::tensor_proto::DataType::Float as i32,
-            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            data_type: data_type as i32,
+            raw_data,
             ..Default::default()
         });
         Ok(())
@@ -153,20 +166,8 @@ impl GraphBuilder {
 
     /// Adds an i32 constant stored as little-endian `raw_data`.
     pub fn initializer_i32(&mut self, name: &str, shape: &[usize], data: &[i32]) -> Result<()> {
-        let numel: usize = shape.iter().product();
-        ensure!(
-            numel == data.len(),
-            "initializer `{name}` has {} values, but its shape {shape:?} needs {numel}",
-            data.len()
-        );
-        self.graph.initializer.push(pb::TensorProto {
-            name: name.to_owned(),
-            dims: shape.iter().map(|&d| d as i64).collect(),
-            data_type: pb::tensor_proto::DataType::Int32 as i32,
-            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ..Default::default()
-        });
-        Ok(())
+        let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.raw_initializer(name, shape, pb::tensor_proto::DataType::Int32, data.len(), bytes)
     }
 
     /// Adds a node of a custom operator domain with any number of outputs. The model
