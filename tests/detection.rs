@@ -2,45 +2,13 @@
 //! mostly below the threshold, and the same frames flipped upside down or fogged mostly
 //! above.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use daain::bundle::Bundle;
 use daain::pipeline::Detector;
-use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
+use daain::source::Frame;
 
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
-/// Frame indices the bundle's training left out as test frames.
-fn test_frames(bundle: &Bundle) -> Vec<u64> {
-    let frames = &bundle.manifest().training["test_frames"];
-    serde_json::from_value(frames.clone()).expect("manifest lists training.test_frames")
-}
-
-fn read_frames(indices: &[u64]) -> Vec<Frame> {
-    let spec = SourceSpec::Video(repo_path("data/footage/solidWhiteRight.mp4"));
-    let mut source = open_source(&spec, &SourceOptions::default()).unwrap();
-    let mut frames = Vec::new();
-    let mut frame = Frame::new();
-    while source.next_frame(&mut frame).unwrap() {
-        if indices.contains(&frame.index) {
-            frames.push(frame.clone());
-        }
-    }
-    assert_eq!(frames.len(), indices.len(), "not every test frame was decoded");
-    frames
-}
-
-fn vertical_flip(frame: &Frame) -> Frame {
-    let mut out = frame.clone();
-    let stride = frame.width * 3;
-    for y in 0..frame.height {
-        let target = (frame.height - 1 - y) * stride;
-        out.data[target..target + stride].copy_from_slice(&frame.data[y * stride..(y + 1) * stride]);
-    }
-    out
-}
+use common::{evenly_spaced, frame_limit, held_out_indices, read_clip_frames, repo_path, vertical_flip};
 
 /// Blends the frame halfway towards light grey, a dense uniform fog.
 fn fog(frame: &Frame) -> Frame {
@@ -69,9 +37,9 @@ fn fraction_above(detector: &mut Detector<'_>, frames: &[Frame]) -> f64 {
 fn default_bundle_separates_clean_from_perturbed() {
     let bundle = Bundle::open(&repo_path("models/default")).unwrap();
     let mut detector = Detector::new(&bundle, None).unwrap();
-    let indices = test_frames(&bundle);
+    let indices = held_out_indices(&bundle);
     assert!(indices.len() >= 20, "only {} held-out frames", indices.len());
-    let clean = read_frames(&indices);
+    let clean = read_clip_frames(&evenly_spaced(&indices, frame_limit(indices.len())));
 
     let clean_above = fraction_above(&mut detector, &clean);
     let flipped: Vec<Frame> = clean.iter().map(vertical_flip).collect();

@@ -3,48 +3,24 @@
 //! from flipped frames, the kernels tract runs, and bundles without or with an altered
 //! int8 model.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use daain::backbone::BackbonePrecision;
 use daain::bundle::{Bundle, BundleError, Manifest, MANIFEST_FILE};
 use daain::pipeline::{DetectError, Detector, DetectorOptions};
-use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
+use daain::source::Frame;
+
+use common::{copy_bundle, evenly_spaced, frame_limit, held_out_indices, read_clip_frames, repo_path, vertical_flip};
 
 /// Lowest share of pixels whose class must match between int8 and f32, over the test
 /// frames. `daain-tools quantize` measured 90.5% for the shipped model over all 40 test
 /// frames (worst frame 86.6%); the goal of 97% is not reached (docs/benchmarks.md).
 const MIN_ARGMAX_AGREEMENT: f64 = 0.88;
 
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
 /// Reads every fourth frame that the bundle's training left out as a test frame.
 fn test_frames(bundle: &Bundle) -> Vec<Frame> {
-    let indices: Vec<u64> =
-        serde_json::from_value(bundle.manifest().training["test_frames"].clone()).unwrap();
-    let indices: Vec<u64> = indices.into_iter().step_by(4).collect();
-    let spec = SourceSpec::Video(repo_path("data/footage/solidWhiteRight.mp4"));
-    let mut source = open_source(&spec, &SourceOptions::default()).unwrap();
-    let mut frames = Vec::new();
-    let mut frame = Frame::new();
-    while source.next_frame(&mut frame).unwrap() {
-        if indices.contains(&frame.index) {
-            frames.push(frame.clone());
-        }
-    }
-    assert_eq!(frames.len(), indices.len(), "not every test frame was decoded");
-    frames
-}
-
-fn vertical_flip(frame: &Frame) -> Frame {
-    let mut out = frame.clone();
-    let stride = frame.width * 3;
-    for y in 0..frame.height {
-        let target = (frame.height - 1 - y) * stride;
-        out.data[target..target + stride].copy_from_slice(&frame.data[y * stride..(y + 1) * stride]);
-    }
-    out
+    let indices: Vec<u64> = held_out_indices(bundle).into_iter().step_by(4).collect();
+    read_clip_frames(&evenly_spaced(&indices, frame_limit(indices.len())))
 }
 
 fn detector(bundle: &Bundle, precision: BackbonePrecision) -> Detector<'_> {
@@ -143,11 +119,7 @@ fn int8_plan_runs_integer_matmuls() {
 
 #[test]
 fn bundle_without_int8_backbone_is_named() {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(repo_path("models/default")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
+    let dir = copy_bundle();
     let manifest_path = dir.path().join(MANIFEST_FILE);
     let mut manifest: Manifest =
         serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
@@ -171,11 +143,7 @@ fn bundle_without_int8_backbone_is_named() {
 
 #[test]
 fn altered_int8_backbone_is_rejected() {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(repo_path("models/default")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
+    let dir = copy_bundle();
     let path = dir.path().join("backbone_int8.onnx");
     let mut bytes = std::fs::read(&path).unwrap();
     let middle = bytes.len() / 2;

@@ -3,32 +3,21 @@
 //! same sample, same flow output, same scores. Also the errors for bundles without a
 //! plan or with an altered one.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use daain::bundle::{Bundle, BundleError, Manifest, MANIFEST_FILE};
 use daain::backbone::BackbonePrecision;
 use daain::pipeline::{DetectError, Detector, DetectorOptions, ExecutionMode};
 use daain::plan::{CombinedPlan, PlanSpec};
 use daain::sampling::SamplingError;
-use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
+use daain::source::Frame;
 
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
+use common::{copy_bundle, frame_limit, read_clip_frames, repo_path};
 
 /// Decodes every `step`-th frame of the training clip, `count` frames in all.
 fn clip_frames(step: u64, count: usize) -> Vec<Frame> {
-    let spec = SourceSpec::Video(repo_path("data/footage/solidWhiteRight.mp4"));
-    let mut source = open_source(&spec, &SourceOptions::default()).unwrap();
-    let mut frames = Vec::new();
-    let mut frame = Frame::new();
-    while frames.len() < count && source.next_frame(&mut frame).unwrap() {
-        if frame.index % step == 0 {
-            frames.push(frame.clone());
-        }
-    }
-    assert_eq!(frames.len(), count, "the clip is too short");
-    frames
+    let indices: Vec<u64> = (0..count as u64).map(|i| i * step).collect();
+    read_clip_frames(&indices)
 }
 
 /// Returns the largest `|a - b| / max(1, |b|)` over the two vectors.
@@ -58,7 +47,7 @@ fn in_plan_matches_out_of_plan_on_clip() {
 
     let mut worst_sample = 0.0f64;
     let mut worst_z = 0.0f64;
-    for frame in clip_frames(37, 6) {
+    for frame in clip_frames(37, frame_limit(6)) {
         let (expected, _) = separate.score_frame(&frame, true).unwrap();
         let (actual, timings) = combined.score_frame(&frame, true).unwrap();
         let sample = max_relative_difference(combined.sample(), separate.sample());
@@ -97,16 +86,6 @@ fn in_plan_matches_out_of_plan_on_clip() {
     eprintln!("worst relative difference: sample {worst_sample:.2e}, z {worst_z:.2e}");
     assert!(worst_sample < 1e-5, "samples differ by {worst_sample:.2e}");
     assert!(worst_z < 1e-4, "flow outputs differ by {worst_z:.2e}");
-}
-
-/// Copies the shipped bundle into a temporary directory.
-fn copy_bundle() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(repo_path("models/default")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
-    dir
 }
 
 #[test]
