@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use daain::bundle::Bundle;
-use daain::pipeline::{Detector, Scores, StageTimings};
+use daain::backbone::BackbonePrecision;
+use daain::pipeline::{Detector, DetectorOptions, Scores, StageTimings};
 use daain::preprocess::{InputConvention, Preprocessor};
 use daain::score::ScoreKind;
 use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
@@ -43,6 +44,10 @@ pub struct EvalConfig {
     /// Uses only this many held-out frames, evenly spaced, when set (for quick runs).
     #[serde(default)]
     pub max_test_frames: Option<usize>,
+    /// Backbone the runtime's detector runs: "f32" or "int8" (the bundle's quantised copy).
+    /// The baselines come from the same forward pass, so they change with it.
+    #[serde(default)]
+    pub backbone: BackbonePrecision,
     #[serde(default)]
     pub perturbations: Vec<PerturbationRun>,
     #[serde(default)]
@@ -287,6 +292,8 @@ pub struct ScoredSet {
 /// Everything an evaluation run measured.
 pub struct Evaluation {
     pub bundle: PathBuf,
+    /// Backbone model the detector ran.
+    pub backbone: BackbonePrecision,
     pub video: PathBuf,
     pub deciding: ScoreKind,
     pub deployed_threshold: f64,
@@ -346,7 +353,9 @@ pub fn held_out_frames(bundle: &Bundle) -> Result<HeldOutFrames> {
         test == listed_test,
         "the split settings in the manifest give test frames {test:?}, but it lists {listed_test:?}"
     );
-    let calibration_count = bundle.manifest().threshold.calibration_frames;
+    // Photometric variants of calibration frames count as calibration vectors too.
+    let vectors_per_frame = 1 + settings.augment.calibration_photometric;
+    let calibration_count = bundle.manifest().threshold.calibration_frames / vectors_per_frame;
     ensure!(
         calibration.len() >= calibration_count,
         "the split settings give {} calibration frames, but the threshold was calibrated on {calibration_count}",
@@ -413,10 +422,19 @@ pub struct FrameScorer<'b> {
 }
 
 impl<'b> FrameScorer<'b> {
-    pub fn new(bundle: &'b Bundle, mc_dropout: Option<(McDropoutConfig, &'b Espnet)>, seed: u64) -> Result<Self> {
+    pub fn new(
+        bundle: &'b Bundle,
+        precision: BackbonePrecision,
+        mc_dropout: Option<(McDropoutConfig, &'b Espnet)>,
+        seed: u64,
+    ) -> Result<Self> {
         let convention = bundle.manifest().input.clone();
+        let options = DetectorOptions {
+            precision,
+            ..Default::default()
+        };
         Ok(Self {
-            detector: Detector::new(bundle, None)?,
+            detector: Detector::with_options(bundle, &options)?,
             classes: bundle.manifest().backbone.classes,
             mc_dropout,
             input: vec![0.0; convention.tensor_len()],
@@ -527,7 +545,7 @@ pub fn evaluate(config: &EvalConfig, bundle_dir: &Path) -> Result<Evaluation> {
         (Some(mc), Some(model)) => Some((mc.clone(), model)),
         _ => None,
     };
-    let mut scorer = FrameScorer::new(&bundle, mc_dropout, config.seed)?;
+    let mut scorer = FrameScorer::new(&bundle, config.backbone, mc_dropout, config.seed)?;
 
     let calibration = scorer.score_set("calibration", Category::Calibration, &calibration_frames)?;
     log_set(&calibration);
@@ -613,6 +631,7 @@ pub fn evaluate(config: &EvalConfig, bundle_dir: &Path) -> Result<Evaluation> {
 
     Ok(Evaluation {
         bundle: bundle_dir.to_owned(),
+        backbone: config.backbone,
         video: split.video,
         deciding,
         deployed_threshold,

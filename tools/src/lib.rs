@@ -3,6 +3,7 @@
 //! export, plus frame perturbations, adversarial attacks, baseline scores, detection
 //! metrics and the evaluation report of a bundle.
 
+pub mod ablation;
 pub mod attack;
 pub mod baseline;
 pub mod espnet;

@@ -135,6 +135,9 @@ enum Command {
         /// Bundle directory; overrides the config's `bundle`.
         #[arg(long)]
         bundle: Option<PathBuf>,
+        /// Backbone the detector runs, f32 or int8; overrides the config's `backbone`.
+        #[arg(long, value_parser = parse_precision)]
+        backbone: Option<daain::backbone::BackbonePrecision>,
         /// Directory to write the results into.
         #[arg(long)]
         output: PathBuf,
@@ -146,6 +149,17 @@ enum Command {
         /// Bundle directory, for example models/default.
         #[arg(long)]
         bundle: PathBuf,
+    },
+    /// Build and evaluate one bundle per variant of a training config (mask density,
+    /// coupling blocks, augmentation) and write ablation.md and ablation.csv, with every
+    /// variant's bundle and evaluation in a directory of its own.
+    Ablate {
+        /// Ablation settings (TOML), for example configs/ablation.toml.
+        #[arg(long)]
+        config: PathBuf,
+        /// Directory to write the variants and tables into.
+        #[arg(long)]
+        output: PathBuf,
     },
     /// Train a bundle in one go (record, train and export): generate the mask, record activations of the training clip, train
     /// the flow, fit the scores, calibrate the threshold and write the bundle directory.
@@ -228,7 +242,13 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
-        Command::Evaluate { config, bundle, output } => evaluate(&config, bundle, &output),
+        Command::Evaluate { config, bundle, backbone, output } => evaluate(&config, bundle, backbone, &output),
+        Command::Ablate { config, output } => {
+            let settings = daain_tools::ablation::AblationConfig::from_path(&config)?;
+            let results = daain_tools::ablation::run(&settings, &config, &output)?;
+            log::info!("wrote {} variants into {}", results.len(), output.display());
+            Ok(())
+        }
         Command::ExportPlan { bundle } => {
             let path = daain_tools::plan::export_plan(&bundle)?;
             log::info!("wrote {} and updated the manifest", path.display());
@@ -237,16 +257,33 @@ fn main() -> Result<()> {
     }
 }
 
-fn evaluate(config_path: &std::path::Path, bundle: Option<PathBuf>, output: &std::path::Path) -> Result<()> {
-    let config = daain_tools::evaluate::EvalConfig::from_path(config_path)?;
+fn parse_precision(text: &str) -> Result<daain::backbone::BackbonePrecision, String> {
+    match text {
+        "f32" => Ok(daain::backbone::BackbonePrecision::F32),
+        "int8" => Ok(daain::backbone::BackbonePrecision::Int8),
+        other => Err(format!("unknown backbone {other:?}: use f32 or int8")),
+    }
+}
+
+fn evaluate(
+    config_path: &std::path::Path,
+    bundle: Option<PathBuf>,
+    backbone: Option<daain::backbone::BackbonePrecision>,
+    output: &std::path::Path,
+) -> Result<()> {
+    let mut config = daain_tools::evaluate::EvalConfig::from_path(config_path)?;
+    if let Some(backbone) = backbone {
+        config.backbone = backbone;
+    }
     let bundle_dir = bundle.unwrap_or_else(|| config.bundle.clone());
     let evaluation = daain_tools::evaluate::evaluate(&config, &bundle_dir)
         .with_context(|| format!("failed to evaluate bundle {}", bundle_dir.display()))?;
     daain_tools::evaluate::check_complete(&evaluation)?;
     let command = format!(
-        "daain-tools evaluate --config {} --bundle {} --output {}",
+        "daain-tools evaluate --config {} --bundle {} --backbone {} --output {}",
         config_path.display(),
         bundle_dir.display(),
+        config.backbone,
         output.display()
     );
     let targets = daain_tools::report::write_all(&evaluation, output, &command)?;

@@ -153,6 +153,31 @@ pub fn detection_rate(anomalous: &[f64], threshold: f64) -> Result<f64> {
     fraction_above(anomalous, threshold)
 }
 
+/// Returns the fraction of frames at which an alert level stands raised, when it rises
+/// after `raise_after` consecutive frames strictly above `threshold` and falls at the
+/// first frame at or below it, as the runtime's alert tracker does with `clear_after = 1`.
+///
+/// Each sequence is a run of consecutive frames in time order; the count of frames above
+/// restarts at the start of every sequence. With `raise_after = 1` this is the share of
+/// frames above the threshold.
+pub fn raised_rate(sequences: &[Vec<f64>], threshold: f64, raise_after: usize) -> Result<f64> {
+    ensure!(raise_after >= 1, "invalid raise_after 0: use 1 or more frames");
+    ensure!(!threshold.is_nan(), "invalid threshold: NaN");
+    let mut frames = 0usize;
+    let mut raised = 0usize;
+    for sequence in sequences {
+        check_scores("sequence", sequence)?;
+        let mut run = 0usize;
+        for &score in sequence {
+            run = if score > threshold { run + 1 } else { 0 };
+            raised += usize::from(run >= raise_after);
+        }
+        frames += sequence.len();
+    }
+    ensure!(frames > 0, "no frames to rate");
+    Ok(raised as f64 / frames as f64)
+}
+
 fn fraction_above(scores: &[f64], threshold: f64) -> Result<f64> {
     ensure!(!threshold.is_nan(), "invalid threshold: NaN");
     let above = scores.iter().filter(|&&score| score > threshold).count();

@@ -568,7 +568,11 @@ fn contrast(frame: &Frame, level: usize) -> Vec<u8> {
 }
 
 fn jpeg(frame: &Frame, level: usize) -> Result<Vec<u8>> {
-    let quality = JPEG_QUALITY[level];
+    jpeg_round_trip(frame, JPEG_QUALITY[level])
+}
+
+/// Encodes the frame as JPEG at `quality` (1..=100) and decodes it again.
+pub(crate) fn jpeg_round_trip(frame: &Frame, quality: u8) -> Result<Vec<u8>> {
     let (width, height) = (frame.width, frame.height);
     let too_large = || anyhow!("frame {width}x{height} is too large to encode as JPEG");
     let width_u32 = u32::try_from(width).map_err(|_| too_large())?;

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::evaluate::{method_values, Category, Evaluation, Method, ScoredSet};
-use crate::metrics::{detection_rate, false_alarm_rate, summarize, DetectionSummary};
+use crate::metrics::{detection_rate, false_alarm_rate, raised_rate, summarize, DetectionSummary};
 
 /// Detection metrics of one method on one anomalous set against the clean held-out frames.
 #[derive(Debug, Clone)]
@@ -299,6 +299,8 @@ pub fn markdown(evaluation: &Evaluation, rows: &[MetricRow], targets: &TargetSum
         let _ = writeln!(out, "| {method} | {threshold:.4} | {clean} | {benign} |");
     }
 
+    smoothing_section(&mut out, evaluation);
+
     if let Some(benign) = &evaluation.benign {
         let _ = writeln!(out, "\n## Benign stills\n");
         let _ = writeln!(out, "| image | group | {deciding} | flagged |\n|---|---|---|---|");
@@ -309,6 +311,67 @@ pub fn markdown(evaluation: &Evaluation, rows: &[MetricRow], targets: &TargetSum
         }
     }
     out
+}
+
+/// Alert settings `raise_after` compared in the temporal smoothing table.
+const RAISE_AFTER: [usize; 4] = [1, 2, 3, 5];
+
+/// Writes the share of frames at a raised alert level for several `raise_after` settings,
+/// on the clean held-out frames and on every set of consecutive clip frames.
+fn smoothing_section(out: &mut String, evaluation: &Evaluation) {
+    let deciding = Method::Daain(evaluation.deciding);
+    let sets = std::iter::once(&evaluation.clean).chain(
+        evaluation
+            .anomalous
+            .iter()
+            .filter(|set| matches!(set.category, Category::Perturbation | Category::OutOfDistribution)),
+    );
+    let _ = writeln!(out, "\n## Temporal smoothing\n");
+    let _ = writeln!(
+        out,
+        "The runtime raises its alert level after `alerts.raise_after` consecutive frames above \
+         the threshold. Share of frames at a raised level, deciding score at the deployed \
+         threshold, frames in time order; a gap in the frame numbers starts a new run. On the \
+         clean held-out frames every raised frame is a false alarm.\n"
+    );
+    let mut header = "| set | frames | runs |".to_owned();
+    let mut rule = "|---|---|---|".to_owned();
+    for k in RAISE_AFTER {
+        let _ = write!(header, " raise_after {k} |");
+        rule.push_str("---|");
+    }
+    let _ = writeln!(out, "{header}\n{rule}");
+    for set in sets {
+        let Ok(values) = method_values(deciding, set) else {
+            continue;
+        };
+        let sequences = consecutive_runs(&set.labels, &values);
+        let _ = write!(out, "| {} | {} | {} |", set.name, values.len(), sequences.len());
+        for k in RAISE_AFTER {
+            let rate = raised_rate(&sequences, evaluation.deployed_threshold, k).map_or_else(|_| "-".to_owned(), percent);
+            let _ = write!(out, " {rate} |");
+        }
+        out.push('\n');
+    }
+}
+
+/// Splits scores into runs of frames whose numbers advance by the set's smallest step.
+/// Labels that are not frame numbers give one run per frame.
+fn consecutive_runs(labels: &[String], values: &[f64]) -> Vec<Vec<f64>> {
+    let numbers: Option<Vec<u64>> = labels.iter().map(|label| label.parse().ok()).collect();
+    let Some(numbers) = numbers else {
+        return values.iter().map(|&value| vec![value]).collect();
+    };
+    let step = numbers.windows(2).filter_map(|pair| pair[1].checked_sub(pair[0])).filter(|&d| d > 0).min();
+    let mut runs: Vec<Vec<f64>> = Vec::new();
+    for (i, &value) in values.iter().enumerate() {
+        let continues = i > 0 && step.is_some_and(|step| numbers[i].checked_sub(numbers[i - 1]) == Some(step));
+        match runs.last_mut() {
+            Some(run) if continues => run.push(value),
+            _ => runs.push(vec![value]),
+        }
+    }
+    runs
 }
 
 fn list_or_none(items: &[String]) -> String {
@@ -411,8 +474,9 @@ pub fn write_all(evaluation: &Evaluation, dir: &Path, command: &str) -> Result<T
     let mut text = String::from("# Evaluation results\n\n");
     let _ = writeln!(
         text,
-        "Bundle `{}`, normal class: {} held-out frames of `{}` (frames {}). Written by\n\n```sh\n{command}\n```\n\nin {:.0} s.\n",
+        "Bundle `{}` with its {} backbone, normal class: {} held-out frames of `{}` (frames {}). Written by\n\n```sh\n{command}\n```\n\nin {:.0} s.\n",
         evaluation.bundle.display(),
+        evaluation.backbone,
         evaluation.clean.scores.len(),
         evaluation.video.display(),
         evaluation.clean.labels.join(", "),
@@ -466,4 +530,26 @@ pub fn write_all(evaluation: &Evaluation, dir: &Path, command: &str) -> Result<T
         evaluation.deployed_threshold,
     )?;
     Ok(targets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::consecutive_runs;
+
+    fn labels(numbers: &[u64]) -> Vec<String> {
+        numbers.iter().map(u64::to_string).collect()
+    }
+
+    #[test]
+    fn runs_break_at_gaps_in_frame_numbers() {
+        let values = [1.0, 2.0, 3.0, 4.0, 5.0];
+        let runs = consecutive_runs(&labels(&[80, 81, 82, 180, 181]), &values);
+        assert_eq!(runs, vec![vec![1.0, 2.0, 3.0], vec![4.0, 5.0]]);
+        // A set sampled every 20th frame is one run.
+        let runs = consecutive_runs(&labels(&[0, 20, 40, 60, 80]), &values);
+        assert_eq!(runs, vec![values.to_vec()]);
+        // Still images have no frame numbers: one run each.
+        let stills = ["a.jpg".to_owned(), "b.jpg".to_owned()];
+        assert_eq!(consecutive_runs(&stills, &[1.0, 2.0]), vec![vec![1.0], vec![2.0]]);
+    }
 }

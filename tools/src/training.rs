@@ -28,7 +28,10 @@ use daain::source::Frame;
 
 use crate::espnet::TAPS;
 use crate::flow::{fit_mahalanobis, FlowConfig, TchFlow, TrainConfig};
-use crate::record::{augment, augmentation_rng, load_backbone, random_crops, read_video, Augmentation, Recorder};
+use crate::record::{
+    augment, augmentation_rng, load_backbone, random_crops, random_photometric, read_video, Augmentation,
+    PhotometricRanges, Recorder,
+};
 
 /// Role of a frame in bundle training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +92,52 @@ pub struct AugmentConfig {
     /// Side length of a crop relative to the frame.
     pub crop_scale: f64,
     pub seed: u64,
+    /// Photometric variants per training frame (exposure, white balance, blur, JPEG).
+    #[serde(default)]
+    pub photometric: usize,
+    /// Photometric variants per calibration frame, which then also calibrate the
+    /// threshold. The held-out test frames are never augmented.
+    #[serde(default)]
+    pub calibration_photometric: usize,
+    /// Smallest and largest exposure gain of a photometric variant.
+    #[serde(default = "default_exposure")]
+    pub exposure: [f64; 2],
+    /// Largest relative change of the red and of the blue gain against green.
+    #[serde(default = "default_white_balance")]
+    pub white_balance: f64,
+    /// Largest Gaussian blur, in pixels of the source frame.
+    #[serde(default = "default_blur_sigma")]
+    pub blur_sigma: f64,
+    /// Lowest and highest JPEG quality of a photometric variant.
+    #[serde(default = "default_jpeg_quality")]
+    pub jpeg_quality: [u8; 2],
+}
+
+fn default_exposure() -> [f64; 2] {
+    [0.8, 1.25]
+}
+
+fn default_white_balance() -> f64 {
+    0.06
+}
+
+fn default_blur_sigma() -> f64 {
+    1.0
+}
+
+fn default_jpeg_quality() -> [u8; 2] {
+    [50, 90]
+}
+
+impl AugmentConfig {
+    pub fn photometric_ranges(&self) -> PhotometricRanges {
+        PhotometricRanges {
+            exposure: self.exposure,
+            white_balance: self.white_balance,
+            blur_sigma: self.blur_sigma,
+            jpeg_quality: self.jpeg_quality,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -128,6 +177,13 @@ impl TrainingConfig {
             .with_context(|| format!("failed to read training config {}", path.display()))?;
         let config: Self = toml::from_str(&text)
             .map_err(|e| anyhow::anyhow!("invalid training config {}: {}", path.display(), e.message()))?;
+        config.validate().with_context(|| format!("invalid training config {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Checks the values that parsing alone does not.
+    pub fn validate(&self) -> Result<()> {
+        let config = self;
         ensure!(config.data.chunk_frames > 0, "data.chunk_frames must be at least 1");
         ensure!(
             [Role::Train, Role::Calibration, Role::Test].iter().all(|r| config.data.pattern.contains(r)),
@@ -143,7 +199,28 @@ impl TrainingConfig {
             "augment.crop_scale {} is invalid: use a value in (0, 1]",
             config.augment.crop_scale
         );
-        Ok(config)
+        let augment = &config.augment;
+        ensure!(
+            augment.exposure[0] > 0.0 && augment.exposure[0] <= augment.exposure[1],
+            "augment.exposure {:?} is invalid: use [low, high] with 0 < low <= high",
+            augment.exposure
+        );
+        ensure!(
+            (0.0..1.0).contains(&augment.white_balance),
+            "augment.white_balance {} is invalid: use a value in [0, 1)",
+            augment.white_balance
+        );
+        ensure!(
+            (0.0..=10.0).contains(&augment.blur_sigma),
+            "augment.blur_sigma {} is invalid: use 0 to 10 pixels",
+            augment.blur_sigma
+        );
+        ensure!(
+            augment.jpeg_quality[0] >= 1 && augment.jpeg_quality[0] <= augment.jpeg_quality[1] && augment.jpeg_quality[1] <= 100,
+            "augment.jpeg_quality {:?} is invalid: use [worst, best] within 1 to 100",
+            augment.jpeg_quality
+        );
+        Ok(())
     }
 
     /// Returns the tap names, defaulting to every ESPNet PReLU output.
@@ -196,6 +273,7 @@ pub fn record_clip(config: &TrainingConfig, frames: &[Frame], recorder: &mut Rec
     let dim = recorder.dim();
     let mut recording = Recording { dim, ..Default::default() };
     let mut rng = augmentation_rng(config.augment.seed);
+    let ranges = config.augment.photometric_ranges();
     let mut vector = vec![0.0f32; dim];
     let bar = progress_bar(frames.len() as u64, "recording");
     for (i, frame) in frames.iter().enumerate() {
@@ -218,8 +296,9 @@ pub fn record_clip(config: &TrainingConfig, frames: &[Frame], recorder: &mut Rec
                     config.augment.crop_scale,
                     &mut rng,
                 ));
+                variants.extend(random_photometric(config.augment.photometric, &ranges, &mut rng));
                 for variant in variants {
-                    let changed = augment(frame, variant);
+                    let changed = augment(frame, variant)?;
                     recorder.record(&changed.data, changed.width, changed.height, &mut vector)?;
                     recording.train.extend_from_slice(&vector);
                     recording.train_frames.push(frame.index);
@@ -228,6 +307,12 @@ pub fn record_clip(config: &TrainingConfig, frames: &[Frame], recorder: &mut Rec
             Role::Calibration => {
                 recording.calibration.extend_from_slice(&vector);
                 recording.calibration_frames.push(frame.index);
+                for variant in random_photometric(config.augment.calibration_photometric, &ranges, &mut rng) {
+                    let changed = augment(frame, variant)?;
+                    recorder.record(&changed.data, changed.width, changed.height, &mut vector)?;
+                    recording.calibration.extend_from_slice(&vector);
+                    recording.calibration_frames.push(frame.index);
+                }
             }
             Role::Test => {
                 recording.test.extend_from_slice(&vector);

@@ -5,8 +5,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use daain_tools::metrics::{
-    auroc, average_precision, detection_rate, false_alarm_rate, fpr_at_tpr, roc_curve, summarize,
-    RocPoint,
+    auroc, average_precision, detection_rate, false_alarm_rate, fpr_at_tpr, raised_rate, roc_curve,
+    summarize, RocPoint,
 };
 
 const EPSILON: f64 = 1e-12;
@@ -380,4 +380,30 @@ fn invalid_values_are_rejected() {
     }
     let threshold = false_alarm_rate(&scores, f64::NAN).unwrap_err().to_string();
     assert!(threshold.contains("invalid threshold"), "{threshold}");
+}
+
+#[test]
+fn raised_rate_counts_frames_after_consecutive_runs_above() {
+    // Above the threshold 1.0: frames 1, 2, 3 and 5 of the first run, frame 0 of the second.
+    let sequences = vec![vec![0.0, 2.0, 3.0, 4.0, 0.5, 2.0], vec![5.0, 0.0]];
+    // raise_after 1: every frame above, 5 of 8.
+    assert!((raised_rate(&sequences, 1.0, 1).unwrap() - 5.0 / 8.0).abs() < EPSILON);
+    // raise_after 2: frames 2 and 3 of the first run; the second run restarts the count.
+    assert!((raised_rate(&sequences, 1.0, 2).unwrap() - 2.0 / 8.0).abs() < EPSILON);
+    // raise_after 3: frame 3 only.
+    assert!((raised_rate(&sequences, 1.0, 3).unwrap() - 1.0 / 8.0).abs() < EPSILON);
+    assert_eq!(raised_rate(&sequences, 1.0, 4).unwrap(), 0.0);
+    // A run split in two never reaches three in a row.
+    let split = vec![vec![2.0, 2.0], vec![2.0, 2.0]];
+    assert_eq!(raised_rate(&split, 1.0, 3).unwrap(), 0.0);
+    assert_eq!(raised_rate(&split, 1.0, 2).unwrap(), 0.5);
+    // With raise_after 1 it is the plain false-alarm rate.
+    let flat = [0.0, 2.0, 3.0, 4.0, 0.5, 2.0];
+    assert_eq!(raised_rate(&[flat.to_vec()], 1.0, 1).unwrap(), false_alarm_rate(&flat, 1.0).unwrap());
+
+    let zero = raised_rate(&sequences, 1.0, 0).unwrap_err().to_string();
+    assert!(zero.contains("invalid raise_after 0"), "{zero}");
+    let nan = raised_rate(&[vec![1.0, f64::NAN]], 1.0, 1).unwrap_err().to_string();
+    assert!(nan.contains("invalid sequence score NaN at index 1"), "{nan}");
+    assert!(raised_rate(&[], 1.0, 1).is_err());
 }
