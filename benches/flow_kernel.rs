@@ -1,6 +1,7 @@
-//! Time of one f32 forward pass through an 8-block flow at the runtime's size (d = 2021,
-//! subnet width 10), with the scalar kernel and with the kernel the dispatcher picks for
-//! this CPU, measured in the same run so that their ratio is meaningful on any machine.
+//! Time of one f32 forward pass through an 8-block flow at the shipped bundle's size
+//! (d = 1470, subnet width 10), with the scalar kernel and with the kernel the dispatcher
+//! picks for this CPU, measured in the same run so that their ratio is meaningful on any
+//! machine.
 //!
 //! Run with `cargo bench --bench flow_kernel`. Set `DAAIN_FLOW_KERNEL=scalar` to make the
 //! dispatched kernel the scalar one.
@@ -12,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 
 use daain::flow::{block_forward, forward_kernel_f32, BlockParams, Flow};
 
-const DIM: usize = 2021;
+const DIM: usize = 1470;
 const HIDDEN: usize = 10;
 const BLOCKS: usize = 8;
 const CLAMP: f32 = 2.0;
@@ -81,7 +82,7 @@ fn kernels(c: &mut Criterion) {
     let mut scratch = flow.scratch();
     let dispatched = forward_kernel_f32();
 
-    let mut group = c.benchmark_group("flow_forward_f32_d2021_h10_8_blocks");
+    let mut group = c.benchmark_group(format!("flow_forward_f32_d{DIM}_h{HIDDEN}_{BLOCKS}_blocks"));
     group.bench_function("scalar", |b| {
         b.iter(|| {
             flow.forward_with(block_forward::<f32>, black_box(&x), &mut z, &mut scratch)

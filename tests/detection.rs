@@ -8,16 +8,7 @@ use daain::bundle::Bundle;
 use daain::pipeline::Detector;
 use daain::source::Frame;
 
-use common::{evenly_spaced, frame_limit, held_out_indices, read_clip_frames, repo_path, vertical_flip};
-
-/// Blends the frame halfway towards light grey, a dense uniform fog.
-fn fog(frame: &Frame) -> Frame {
-    let mut out = frame.clone();
-    for value in out.data.iter_mut() {
-        *value = ((*value as f32) * 0.5 + 220.0 * 0.5).round() as u8;
-    }
-    out
-}
+use common::{evenly_spaced, fog, frame_limit, held_out_indices, read_clip_frames, repo_path, vertical_flip};
 
 fn fraction_above(detector: &mut Detector<'_>, frames: &[Frame]) -> f64 {
     let threshold = detector.threshold();

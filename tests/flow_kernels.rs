@@ -462,8 +462,9 @@ fn overflow_is_rejected_by_every_kernel() {
 
 #[test]
 fn full_flow_blocks_match_scalar() {
-    // Eight blocks at the runtime's size, each checked on the input the scalar chain gives
-    // it, so the bound does not have to cover amplification across blocks.
+    // Eight blocks at a bundle's size (odd, so that every kernel's tail runs), each checked
+    // on the input the scalar chain gives it, so the bound does not have to cover
+    // amplification across blocks.
     let (dim, hidden, blocks) = (2021, 10, 8);
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     let owned: Vec<OwnedBlock> = (0..blocks)

@@ -1,7 +1,7 @@
 //! The int8 backbone of the shipped bundle against its f32 backbone on real frames. The
 //! tests cover segmentation agreement, whether the deciding score still separates clean
-//! from flipped frames, the kernels tract runs, and bundles without or with an altered
-//! int8 model.
+//! from flipped and fogged frames, the kernels tract runs, and bundles without or with an
+//! altered int8 model.
 
 mod common;
 
@@ -10,7 +10,9 @@ use daain::bundle::{Bundle, BundleError, Manifest, MANIFEST_FILE};
 use daain::pipeline::{DetectError, Detector, DetectorOptions};
 use daain::source::Frame;
 
-use common::{copy_bundle, evenly_spaced, frame_limit, held_out_indices, read_clip_frames, repo_path, vertical_flip};
+use common::{
+    copy_bundle, evenly_spaced, fog, frame_limit, held_out_indices, read_clip_frames, repo_path, vertical_flip,
+};
 
 /// Lowest share of pixels whose class must match between int8 and f32, over the test
 /// frames. `daain-tools quantize` measured 90.5% for the shipped model over all 40 test
@@ -56,47 +58,48 @@ fn int8_segmentation_agrees_with_f32() {
     );
 }
 
-/// The int8 backbone keeps flipped frames apart from clean ones, but it shifts the flow's
-/// scores, because the flow was trained on f32 activations.
-// NOTE: measured on 10 held-out frames, int8 moves clean NLL scores by up to about 2500
-// nats and puts 3 of the 10 above the threshold calibrated in f32, against none in f32.
-// An int8 bundle needs its threshold, and ideally its flow, fitted on int8 activations.
-// This test checks only that the int8 scores still separate the two sets.
+/// The int8 backbone keeps flipped and fogged frames apart from clean ones (AUROC 1 over
+/// these frames) and above the threshold, although it shifts the flow's scores, because
+/// the flow was trained on f32 activations.
+// NOTE: int8 moves clean NLL scores by up to about 300 nats on these frames, all upwards
+// but one. Over the 40 held-out frames it puts 10% of them above the threshold calibrated
+// in f32, against 7.5% in f32 (docs/evaluation.md). An int8 bundle needs its threshold,
+// and ideally its flow, fitted on int8 activations.
 #[test]
-fn int8_keeps_flipped_frames_apart() {
+fn int8_keeps_perturbed_frames_apart() {
     let bundle = Bundle::open(&repo_path("models/default")).unwrap();
     let mut f32_detector = detector(&bundle, BackbonePrecision::F32);
     let mut int8_detector = detector(&bundle, BackbonePrecision::Int8);
     let kind = f32_detector.score_kind();
     let threshold = f32_detector.threshold();
     let clean = test_frames(&bundle);
-    let flipped: Vec<Frame> = clean.iter().map(vertical_flip).collect();
 
-    let mut int8_clean = Vec::new();
-    let mut int8_flipped = Vec::new();
-    for (set, frames) in [("clean", &clean), ("flipped", &flipped)] {
-        for frame in frames.iter() {
+    let mut score = |set: &str, frames: &[Frame]| -> Vec<f64> {
+        let mut int8_scores = Vec::new();
+        for frame in frames {
             let (a, _) = f32_detector.score_frame(frame, false).unwrap();
             let (b, _) = int8_detector.score_frame(frame, false).unwrap();
             let (a, b) = (a.get(kind), b.get(kind));
             eprintln!("{set} frame {:4}: f32 {a:.1} int8 {b:.1}", frame.index);
-            if set == "clean" {
-                int8_clean.push(b);
-            } else {
-                int8_flipped.push(b);
-            }
+            int8_scores.push(b);
         }
-    }
+        int8_scores
+    };
+    let int8_clean = score("clean", &clean);
     let clean_max = int8_clean.iter().copied().fold(f64::MIN, f64::max);
-    let flipped_min = int8_flipped.iter().copied().fold(f64::MAX, f64::min);
-    assert!(
-        clean_max < flipped_min,
-        "int8 {kind}: a clean frame scores {clean_max:.1}, above a flipped one at {flipped_min:.1}"
-    );
-    assert!(
-        flipped_min > threshold,
-        "a flipped frame scores {flipped_min:.1} under int8, below the threshold {threshold}"
-    );
+    let perturbations: [(&str, fn(&Frame) -> Frame); 2] = [("flipped", vertical_flip), ("fogged", fog)];
+    for (set, perturb) in perturbations {
+        let frames: Vec<Frame> = clean.iter().map(perturb).collect();
+        let perturbed_min = score(set, &frames).into_iter().fold(f64::MAX, f64::min);
+        assert!(
+            clean_max < perturbed_min,
+            "int8 {kind}: a clean frame scores {clean_max:.1}, above a {set} one at {perturbed_min:.1}"
+        );
+        assert!(
+            perturbed_min > threshold,
+            "a {set} frame scores {perturbed_min:.1} under int8, below the threshold {threshold}"
+        );
+    }
 }
 
 #[test]

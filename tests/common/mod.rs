@@ -77,6 +77,15 @@ pub fn vertical_flip(frame: &Frame) -> Frame {
     out
 }
 
+/// Returns the frame blended halfway towards light grey, a dense uniform fog.
+pub fn fog(frame: &Frame) -> Frame {
+    let mut out = frame.clone();
+    for value in out.data.iter_mut() {
+        *value = ((*value as f32) * 0.5 + 220.0 * 0.5).round() as u8;
+    }
+    out
+}
+
 /// Copies the shipped bundle into a temporary directory.
 pub fn copy_bundle() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();

@@ -29,6 +29,7 @@ fn small_config() -> EvalConfig {
         weights: repo_path("models/espnet/espnet_p_2_q_8.safetensors"),
         seed: 5,
         max_test_frames: Some(6),
+        backbone: Default::default(),
         perturbations: vec![
             PerturbationRun {
                 name: "vertical-flip".to_owned(),
@@ -89,6 +90,10 @@ fn small_evaluation_separates_flip_and_fog() {
     write_all(&evaluation, dir.path(), "daain-tools evaluate (test)").unwrap();
     let table = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
     assert!(table.contains("| vertical-flip |"), "{table}");
+    // The smoothing table lists the clean frames and each perturbation of them.
+    let smoothing = &table[table.find("## Temporal smoothing").expect("no smoothing table")..];
+    assert!(smoothing.contains("| clean | 6 |"), "{smoothing}");
+    assert!(smoothing.contains("| fog-3 | 6 |"), "{smoothing}");
     let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
     // A header and one row per set and method.
     assert_eq!(csv.lines().count(), 1 + 2 * evaluation.methods.len());
