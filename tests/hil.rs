@@ -1,16 +1,15 @@
 //! The hardware-in-the-loop benchmark: the looping replay on a real recording, and a short
 //! soak of `daain bench-hil` on the shipped clip with the real model.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
 use daain::hil::{LoopingReplay, OpenClip};
 use daain::source::{Frame, FrameSource, RawFrames};
 
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
+use common::{daain_command, repo_path};
 
 fn recording_opener(path: PathBuf) -> OpenClip {
     Box::new(move || Ok(Box::new(RawFrames::open_yuyv(&path, 320, 180, 30.0)?)))
@@ -56,7 +55,7 @@ fn replay_rejects_invalid_rate() {
 fn bench_hil_short_soak() {
     let dir = tempfile::tempdir().unwrap();
     let report_dir = dir.path().join("report");
-    let output = Command::new(env!("CARGO_BIN_EXE_daain"))
+    let output = daain_command()
         .args([
             "bench-hil",
             "--video",
@@ -126,7 +125,7 @@ fn bench_hil_short_soak() {
 
 #[test]
 fn bench_hil_rejects_bad_length() {
-    let output = Command::new(env!("CARGO_BIN_EXE_daain"))
+    let output = daain_command()
         .args([
             "bench-hil",
             "--video",

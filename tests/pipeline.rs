@@ -2,7 +2,8 @@
 //! overload policies, a source that fails part way, a stalled alert consumer, the
 //! watchdog and a requested stop.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::time::Duration;
 
 use daain::alert::{self, Alert, AlertLevel, AlertPolicy};
@@ -12,9 +13,7 @@ use daain::pipeline::{
 };
 use daain::source::{open_source, Frame, FrameSource, SourceError, SourceOptions, SourceSpec};
 
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
+use common::{repo_path, watchdog_for};
 
 fn clip() -> Box<dyn FrameSource> {
     let spec = SourceSpec::Video(repo_path("data/footage/solidWhiteRight.mp4"));
@@ -327,6 +326,8 @@ fn run_with_stalled_consumer(policy: AlertPolicy) -> (RunSummary, Vec<u64>) {
     });
     let options = RunOptions {
         max_frames: Some(10),
+        // No STALE alert may add to the count, however slow the frames are.
+        watchdog: Duration::from_secs(3600),
         ..RunOptions::default()
     };
     let mut source = clip();
@@ -381,15 +382,16 @@ fn stalled_consumer_drop_oldest() {
 fn watchdog_reports_stall_and_recovers() {
     let bundle = bundle();
     let mut detector = Detector::new(&bundle, None).unwrap();
+    let watchdog = watchdog_for(&mut detector);
     let (alerts, receiver) = alert::channel(1000);
     let mut source = StallingSource {
         inner: clip(),
         stall_at: 4,
-        pause: Duration::from_secs(5),
+        pause: watchdog * 10 / 3,
     };
     let options = RunOptions {
         max_frames: Some(7),
-        watchdog: Duration::from_millis(1500),
+        watchdog,
         ..RunOptions::default()
     };
     let (summary, outcomes) = run_collecting(

@@ -3,7 +3,9 @@
 //! camera, and a wrapper makes it fail the way a V4L2 read fails when the device is
 //! unplugged (ENODEV). The end-to-end test runs the real model on the shipped clip.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,9 +18,7 @@ use daain::source::{
     SourceSpec,
 };
 
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
+use common::{repo_path, watchdog_for};
 
 const RECORDING: &str = "tests/data/sources/yuyv422_320x180_3frames.raw";
 
@@ -260,14 +260,15 @@ fn run_survives_camera_loss() {
         )?;
         Ok(Unplugging::new(clip, 3))
     });
+    let watchdog = watchdog_for(&mut detector);
     let options = RunOptions {
         max_frames: Some(6),
-        watchdog: Duration::from_millis(1500),
+        watchdog,
         ..RunOptions::default()
     };
     let backoff = Backoff {
-        initial: Duration::from_millis(4000),
-        max: Duration::from_millis(4000),
+        initial: watchdog * 8 / 3,
+        max: watchdog * 8 / 3,
         factor: 1.0,
         max_attempts: Some(2),
     };

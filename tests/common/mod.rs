@@ -9,8 +9,11 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use daain::bundle::Bundle;
+use daain::pipeline::Detector;
 use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
 
 /// The training clip of the shipped bundle.
@@ -94,4 +97,29 @@ pub fn copy_bundle() -> tempfile::TempDir {
         std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
     }
     dir
+}
+
+/// Returns a command that starts the `daain` binary, through the runner in
+/// `DAAIN_TEST_RUNNER` when one is set. The qemu runner sets it for cross-built tests,
+/// because an emulated process cannot execute a binary of its own architecture itself.
+pub fn daain_command() -> Command {
+    match std::env::var_os("DAAIN_TEST_RUNNER") {
+        Some(runner) => {
+            let mut command = Command::new(runner);
+            command.arg(env!("CARGO_BIN_EXE_daain"));
+            command
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_daain")),
+    }
+}
+
+/// Returns a watchdog period for tests of stalls: four times the time the detector takes
+/// for a frame after warm-up, and at least 1.5 s. Natively that is 1.5 s; under emulation,
+/// where a frame takes 10 to 50 s, a fixed period would fire between every two frames.
+pub fn watchdog_for(detector: &mut Detector<'_>) -> Duration {
+    let frame = read_clip_frames(&[0]).pop().expect("frame 0 decoded");
+    detector.score_frame(&frame, false).unwrap();
+    let start = Instant::now();
+    detector.score_frame(&frame, false).unwrap();
+    (start.elapsed() * 4).max(Duration::from_millis(1500))
 }
