@@ -61,6 +61,19 @@ pub enum BackbonePrecision {
     Int8,
 }
 
+impl std::str::FromStr for BackbonePrecision {
+    type Err = String;
+
+    /// Parses the names that `Display` writes: `f32` or `int8`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "f32" => Ok(Self::F32),
+            "int8" => Ok(Self::Int8),
+            other => Err(format!("invalid backbone {other:?}: use f32 or int8")),
+        }
+    }
+}
+
 impl std::fmt::Display for BackbonePrecision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -490,5 +503,24 @@ pub fn argmax_classes(logits: &[f32], classes: usize, classes_out: &mut [u8]) {
             }
         }
         *out = best as u8;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BackbonePrecision;
+
+    #[test]
+    fn precision_names_round_trip() {
+        for precision in [BackbonePrecision::F32, BackbonePrecision::Int8] {
+            assert_eq!(precision.to_string().parse::<BackbonePrecision>(), Ok(precision));
+        }
+    }
+
+    #[test]
+    fn unknown_precision_is_rejected() {
+        let error = "fp16".parse::<BackbonePrecision>().unwrap_err();
+        assert!(error.contains("\"fp16\""), "{error}");
+        assert!(error.contains("f32 or int8"), "{error}");
     }
 }

@@ -117,7 +117,7 @@ pub fn daain_command() -> Command {
 /// for a frame after warm-up, and at least 1.5 s. Natively that is 1.5 s; under emulation,
 /// where a frame takes 10 to 50 s, a fixed period would fire between every two frames.
 pub fn watchdog_for(detector: &mut Detector<'_>) -> Duration {
-    let frame = read_clip_frames(&[0]).pop().expect("frame 0 decoded");
+    let frame = read_clip_frames(&[0]).pop().expect("frame 0 of the clip decodes");
     detector.score_frame(&frame, false).unwrap();
     let start = Instant::now();
     detector.score_frame(&frame, false).unwrap();

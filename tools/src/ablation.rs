@@ -1,8 +1,8 @@
 //! `daain-tools ablate`: builds one bundle per variant of a training config and evaluates
-//! every bundle with the same evaluation settings, so that the effect of one setting (mask
-//! density, number of coupling blocks, augmentation) on detection and false alarms shows
-//! in one table. Every score kind is computed for every bundle, so the comparison of score
-//! kinds comes with each row.
+//! every bundle with the same evaluation settings. One table then shows how one setting
+//! (mask density, number of coupling blocks, augmentation) changes detection and false
+//! alarms. Every score kind is computed for every bundle, so each row also compares the
+//! score kinds.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use daain::score::ScoreKind;
 
 use crate::evaluate::{self, method_values, Category, EvalConfig, Method};
 use crate::metrics::false_alarm_rate;
-use crate::report::{self, metric_rows};
+use crate::report::{self, metric_rows, percent};
 use crate::training::{self, BuildReport, TrainingConfig};
 
 /// Settings of `daain-tools ablate` (TOML), for example `configs/ablation.toml`.
@@ -66,9 +66,10 @@ impl Variant {
             .collect()
     }
 
-    /// Returns the base training settings with this variant's keys replaced. A key whose
-    /// parent table does not exist is an error; a misspelt last key is caught by the
-    /// training settings' own check of unknown fields.
+    /// Returns the base training settings with this variant's keys replaced.
+    ///
+    /// Fails on a key whose parent table does not exist. A misspelt last key fails too,
+    /// because the training settings reject unknown fields.
     pub fn apply(&self, base: &toml::Table) -> Result<TrainingConfig> {
         let mut table = base.clone();
         for (key, value) in &self.set {
@@ -235,10 +236,6 @@ pub fn run(config: &AblationConfig, config_path: &Path, output: &Path) -> Result
         write_tables(&results, config, config_path, output)?;
     }
     Ok(results)
-}
-
-fn percent(value: f64) -> String {
-    format!("{:.1}%", value * 100.0)
 }
 
 /// Writes `ablation.md` and `ablation.csv`.

@@ -136,7 +136,7 @@ enum Command {
         #[arg(long)]
         bundle: Option<PathBuf>,
         /// Backbone the detector runs, f32 or int8; overrides the config's `backbone`.
-        #[arg(long, value_parser = parse_precision)]
+        #[arg(long)]
         backbone: Option<daain::backbone::BackbonePrecision>,
         /// Directory to write the results into.
         #[arg(long)]
@@ -254,14 +254,6 @@ fn main() -> Result<()> {
             log::info!("wrote {} and updated the manifest", path.display());
             Ok(())
         }
-    }
-}
-
-fn parse_precision(text: &str) -> Result<daain::backbone::BackbonePrecision, String> {
-    match text {
-        "f32" => Ok(daain::backbone::BackbonePrecision::F32),
-        "int8" => Ok(daain::backbone::BackbonePrecision::Int8),
-        other => Err(format!("unknown backbone {other:?}: use f32 or int8")),
     }
 }
 

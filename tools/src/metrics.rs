@@ -153,7 +153,7 @@ pub fn detection_rate(anomalous: &[f64], threshold: f64) -> Result<f64> {
     fraction_above(anomalous, threshold)
 }
 
-/// Returns the fraction of frames at which an alert level stands raised, when it rises
+/// Returns the fraction of frames at which an alert level is raised, when it rises
 /// after `raise_after` consecutive frames strictly above `threshold` and falls at the
 /// first frame at or below it, as the runtime's alert tracker does with `clear_after = 1`.
 ///

@@ -219,7 +219,7 @@ mod tests {
     }
 
     #[test]
-    fn photometric_blur_and_jpeg_keep_the_size_and_change_the_pixels() {
+    fn photometric_blur_and_jpeg_change_pixels() {
         let frame = gradient(64, 32);
         for augmentation in [
             Augmentation::Photometric { gains: [1.0; 3], blur_sigma: 1.0, jpeg_quality: None },
@@ -233,7 +233,7 @@ mod tests {
     }
 
     #[test]
-    fn photometric_draws_stay_in_range_and_repeat_per_seed() {
+    fn photometric_draws_repeat_per_seed() {
         let draws = random_photometric(200, &RANGES, &mut augmentation_rng(7));
         assert_eq!(draws, random_photometric(200, &RANGES, &mut augmentation_rng(7)));
         let (mut blurred, mut encoded) = (0, 0);

@@ -118,7 +118,8 @@ fn find<'a>(rows: &'a [MetricRow], set: &str, method: Method) -> Option<&'a Metr
     rows.iter().find(|row| row.set == set && row.method == method)
 }
 
-fn percent(value: f64) -> String {
+/// Formats a fraction as a percentage with one decimal.
+pub(crate) fn percent(value: f64) -> String {
     format!("{:.1}%", 100.0 * value)
 }
 
