@@ -1,6 +1,9 @@
 //! Time of one ESPNet run through tract on a real frame of the shipped clip: the bundle's
-//! f32 and int8 backbones, on 1 and 2 threads, and f32 without the BatchNorm+PRelu
-//! fusion of `daain::prelu` (tract's own lowering of PRelu to Mul, Greater and Iff). Criterion times each variant, and then an
+//! f32 and int8 backbones, on 1 and 2 threads, and f32 without each of the loader's
+//! rewrites (`daain::backbone::Rewrites`): without the BatchNorm+PRelu fusion (tract's
+//! own lowering of PRelu to Mul, Greater and Iff), without the one-pass 2x2 transposed
+//! convolution (tract's matmul and `DeconvSum`), and without both. Criterion times each
+//! variant, and then an
 //! interleaved loop (one run of each variant per round, so that load from other processes
 //! hits all of them alike) prints each variant's median as a ratio to f32 on 1 thread.
 //!
@@ -14,21 +17,31 @@ mod common;
 use common::{first_frame, open_bundle};
 use criterion::{criterion_group, criterion_main, Criterion};
 
-use daain::backbone::{Backbone, BackbonePrecision, BackboneSpec};
+use daain::backbone::{Backbone, BackbonePrecision, BackboneSpec, Rewrites};
 use daain::bundle::Bundle;
 use daain::preprocess::Preprocessor;
 
-fn load(bundle: &Bundle, precision: BackbonePrecision, threads: usize) -> Backbone {
+fn load(
+    bundle: &Bundle,
+    precision: BackbonePrecision,
+    threads: usize,
+    rewrites: Rewrites,
+) -> Backbone {
     let manifest = bundle.manifest();
     let spec = BackboneSpec {
         path: bundle.backbone_path_for(precision).unwrap(),
         input_height: manifest.input.height,
         input_width: manifest.input.width,
         logits: manifest.backbone.logits.clone(),
-        taps: manifest.backbone.taps.iter().map(|t| t.name.clone()).collect(),
+        taps: manifest
+            .backbone
+            .taps
+            .iter()
+            .map(|t| t.name.clone())
+            .collect(),
         threads,
     };
-    Backbone::load(&spec).unwrap()
+    Backbone::load_with(&spec, rewrites).unwrap()
 }
 
 fn backbones(c: &mut Criterion) {
@@ -46,16 +59,38 @@ fn backbones(c: &mut Criterion) {
     ]
     .into_iter()
     .map(|(precision, threads)| {
-        (format!("{precision}_{threads}_thread"), load(&bundle, precision, threads))
+        let backbone = load(&bundle, precision, threads, Rewrites::ALL);
+        (format!("{precision}_{threads}_thread"), backbone)
     })
     .collect();
-    // The fusion is decided when a backbone loads, from this variable.
-    std::env::set_var("DAAIN_PRELU_FUSION", "off");
-    variants.push((
-        "f32_unfused_1_thread".to_string(),
-        load(&bundle, BackbonePrecision::F32, 1),
-    ));
-    std::env::remove_var("DAAIN_PRELU_FUSION");
+    let without = [
+        (
+            "f32_no_prelu_fusion",
+            Rewrites {
+                prelu: false,
+                ..Rewrites::ALL
+            },
+        ),
+        (
+            "f32_no_deconv_rewrite",
+            Rewrites {
+                deconv: false,
+                ..Rewrites::ALL
+            },
+        ),
+        (
+            "f32_no_conv3x3_rewrite",
+            Rewrites {
+                conv3x3: false,
+                ..Rewrites::ALL
+            },
+        ),
+        ("f32_no_rewrites", Rewrites::NONE),
+    ];
+    for (name, rewrites) in without {
+        let backbone = load(&bundle, BackbonePrecision::F32, 1, rewrites);
+        variants.push((name.to_string(), backbone));
+    }
 
     let mut group = c.benchmark_group("backbone");
     group.sample_size(10);
@@ -85,7 +120,7 @@ fn backbones(c: &mut Criterion) {
         .collect();
     println!("interleaved medians over {rounds} rounds, as a ratio to f32 on 1 thread:");
     for ((name, _), median) in variants.iter().zip(&medians) {
-        println!("  {name:16} {median:8.1} ms  {:.2}x", median / medians[0]);
+        println!("  {name:22} {median:8.1} ms  {:.2}x", median / medians[0]);
     }
 }
 

@@ -2,14 +2,18 @@
 //! clip: the share of each operator in the summed node times, over several runs.
 //!
 //! ```sh
-//! cargo run --release --example profile_backbone -- [f32|int8] [RUNS]
+//! cargo run --release --example profile_backbone -- [f32|int8] [RUNS] [MODEL.onnx]
 //! ```
 //!
+//! MODEL replaces the default bundle's backbone of that precision, for comparing exports
+//! of the same network; it must have the bundle's input, logits and tap names.
+//!
 //! `DAAIN_PRELU_FUSION=off` profiles tract's own lowering of PRelu instead of the fused
-//! operator.
+//! operator, and `DAAIN_DECONV_FUSION=off` tract's own transposed convolution instead of
+//! the one-pass 2x2 operator.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -33,15 +37,26 @@ fn main() -> Result<()> {
             .with_context(|| format!("invalid run count {text:?}: pass a positive integer"))?,
     };
 
+    let model = args.next().map(PathBuf::from);
+
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let bundle = Bundle::open(&root.join("models/default"))?;
     let manifest = bundle.manifest();
+    let path = match model {
+        Some(path) => path,
+        None => bundle.backbone_path_for(precision)?,
+    };
     let mut backbone = Backbone::load(&BackboneSpec {
-        path: bundle.backbone_path_for(precision)?,
+        path,
         input_height: manifest.input.height,
         input_width: manifest.input.width,
         logits: manifest.backbone.logits.clone(),
-        taps: manifest.backbone.taps.iter().map(|t| t.name.clone()).collect(),
+        taps: manifest
+            .backbone
+            .taps
+            .iter()
+            .map(|t| t.name.clone())
+            .collect(),
         threads: 1,
     })?;
 

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::tract_linalg::multithread::Executor;
 use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
+use tract_onnx::tract_core::tract_linalg::multithread::Executor;
 
 use crate::cpu::MatmulKernel;
 use crate::sampling::{TapShape, MAX_TAPS};
@@ -122,10 +122,7 @@ pub struct KernelSummary {
 
 /// Makes an optimised model runnable, with its matrix multiplications on `threads`
 /// threads (1 or 0: the calling thread).
-pub(crate) fn runnable(
-    typed: TypedModel,
-    threads: usize,
-) -> TractResult<Arc<TypedRunnableModel>> {
+pub(crate) fn runnable(typed: TypedModel, threads: usize) -> TractResult<Arc<TypedRunnableModel>> {
     if threads > 1 {
         let options = RunOptions {
             executor: Some(Executor::multithread(threads)),
@@ -174,8 +171,11 @@ impl std::fmt::Display for KernelSummary {
         };
         write!(f, "matmul kernels: {}", list(&self.matmul_kernels))?;
         if !self.portable_matmul_kernels.is_empty() {
-            let portable: Vec<&str> =
-                self.portable_matmul_kernels.iter().map(String::as_str).collect();
+            let portable: Vec<&str> = self
+                .portable_matmul_kernels
+                .iter()
+                .map(String::as_str)
+                .collect();
             write!(f, " (portable fallback: {})", portable.join(", "))?;
         }
         write!(f, "; operators: {}", list(&self.operators))
@@ -283,9 +283,7 @@ impl BackboneOutput {
 
     /// Returns the tapped activations in tap order, each CHW row-major.
     pub fn taps(&self) -> impl Iterator<Item = &[f32]> {
-        self.outputs[1..]
-            .iter()
-            .map(|t| plain_f32(t))
+        self.outputs[1..].iter().map(|t| plain_f32(t))
     }
 
     /// Returns the tapped activations collected as slices, without allocating.
@@ -295,28 +293,20 @@ impl BackboneOutput {
     }
 }
 
-/// Returns whether PRelus (and the BatchNorms before them) run as one fused pass, which
-/// is the default. `DAAIN_PRELU_FUSION=off` runs them as tract lowers them, for
-/// benchmarks and for checking the fused operator against tract's own.
-pub fn prelu_fusion_enabled() -> bool {
-    std::env::var("DAAIN_PRELU_FUSION").map_or(true, |v| v != "off")
-}
+pub use crate::rewrite::{onnx_parser, Rewrites};
 
-/// Reads an ONNX file with `onnx`, lets `check` inspect it, fuses each BatchNorm + PRelu
-/// pair into one operator unless `DAAIN_PRELU_FUSION=off`, and returns the model with
-/// its input fixed to an f32 tensor of `input_shape`.
+/// Reads an ONNX file with `onnx`, lets `check` inspect it, applies `rewrites`, and
+/// returns the model with its input fixed to an f32 tensor of `input_shape`.
 pub(crate) fn load_fused_model(
     onnx: &tract_onnx::Onnx,
     path: &std::path::Path,
     input_shape: [usize; 4],
+    rewrites: Rewrites,
     check: impl FnOnce(&tract_onnx::pb::ModelProto) -> anyhow::Result<()>,
 ) -> anyhow::Result<InferenceModel> {
     let mut proto = onnx.proto_model_for_path(path)?;
     check(&proto)?;
-    if prelu_fusion_enabled() {
-        let (prelus, batch_norms) = crate::prelu::fuse_affine_prelu(&mut proto);
-        log::debug!("fused {prelus} PRelus and {batch_norms} BatchNorms before them");
-    }
+    rewrites.apply(&mut proto);
     onnx.model_for_proto_model(&proto)?
         .with_input_fact(0, f32::fact(input_shape).into())
 }
@@ -324,12 +314,21 @@ pub(crate) fn load_fused_model(
 /// Returns the f32 data of a tensor in host memory, or an empty slice for any other tensor
 /// (the length checks of the consumers then name the mismatch).
 fn plain_f32(tensor: &Tensor) -> &[f32] {
-    tensor.as_plain_ram().and_then(|view| view.as_slice::<f32>().ok()).unwrap_or(&[])
+    tensor
+        .as_plain_ram()
+        .and_then(|view| view.as_slice::<f32>().ok())
+        .unwrap_or(&[])
 }
 
 impl Backbone {
-    /// Loads and optimises the model, with the outputs narrowed to logits and taps.
+    /// Loads and optimises the model, with the outputs narrowed to logits and taps, and
+    /// the [`Rewrites`] of [`Rewrites::from_env`].
     pub fn load(spec: &BackboneSpec) -> Result<Self, BackboneError> {
+        Self::load_with(spec, Rewrites::from_env())
+    }
+
+    /// [`Backbone::load`] with the given rewrites.
+    pub fn load_with(spec: &BackboneSpec, rewrites: Rewrites) -> Result<Self, BackboneError> {
         let load_error = |source: anyhow::Error| BackboneError::Load {
             path: spec.path.clone(),
             source,
@@ -341,8 +340,14 @@ impl Backbone {
         }
         let input_shape = [1, 3, spec.input_height, spec.input_width];
         let mut model =
-            load_fused_model(&crate::prelu::onnx_parser(), &spec.path, input_shape, |_| Ok(()))
-                .map_err(load_error)?;
+            load_fused_model(
+                &onnx_parser(),
+                &spec.path,
+                input_shape,
+                rewrites,
+                |_| Ok(()),
+            )
+            .map_err(load_error)?;
 
         if spec.taps.len() > MAX_TAPS {
             return Err(load_error(anyhow::anyhow!(
@@ -513,7 +518,10 @@ mod tests {
     #[test]
     fn precision_names_round_trip() {
         for precision in [BackbonePrecision::F32, BackbonePrecision::Int8] {
-            assert_eq!(precision.to_string().parse::<BackbonePrecision>(), Ok(precision));
+            assert_eq!(
+                precision.to_string().parse::<BackbonePrecision>(),
+                Ok(precision)
+            );
         }
     }
 

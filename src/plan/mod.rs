@@ -26,7 +26,9 @@ use std::path::PathBuf;
 use tract_onnx::model::OnnxOpRegister;
 use tract_onnx::prelude::*;
 
-use crate::backbone::{load_fused_model, runnable, BackboneError, KernelSummary, PlanRunner};
+use crate::backbone::{
+    load_fused_model, runnable, BackboneError, KernelSummary, PlanRunner, Rewrites,
+};
 
 /// ONNX domain of the custom operators.
 pub const DOMAIN: &str = "ai.daain";
@@ -54,10 +56,10 @@ pub fn register_ops(register: &mut OnnxOpRegister) {
     register.insert(COUPLING_OP, ops::coupling_from_onnx);
 }
 
-/// Returns a tract-onnx loader for the standard operators, the fused BatchNorm+PRelu of
-/// [`crate::prelu`] and ours.
+/// Returns a tract-onnx loader for the standard operators, those of the backbone's
+/// [`crate::rewrite::Rewrites`] and ours.
 pub fn onnx() -> tract_onnx::Onnx {
-    let mut onnx = crate::prelu::onnx_parser();
+    let mut onnx = crate::rewrite::onnx_parser();
     register_ops(&mut onnx.op_register);
     onnx
 }
@@ -167,9 +169,13 @@ impl CombinedPlan {
             )));
         }
         let input_shape = [1, 3, spec.input_height, spec.input_width];
-        let mut model = load_fused_model(&onnx(), &spec.path, input_shape, |proto| {
-            check_source_hashes(proto, spec)
-        })
+        let mut model = load_fused_model(
+            &onnx(),
+            &spec.path,
+            input_shape,
+            Rewrites::from_env(),
+            |proto| check_source_hashes(proto, spec),
+        )
         .map_err(load_error)?;
         let outputs = [
             spec.logits.as_str(),
@@ -191,9 +197,13 @@ impl CombinedPlan {
         let mut shapes = Vec::with_capacity(outputs.len());
         for (ix, name) in outputs.iter().enumerate() {
             let fact = typed.output_fact(ix).map_err(load_error)?;
-            let shape = fact.shape.as_concrete().map(|s| s.to_vec()).ok_or_else(|| {
-                load_error(anyhow::anyhow!("output {name} has no concrete shape"))
-            })?;
+            let shape = fact
+                .shape
+                .as_concrete()
+                .map(|s| s.to_vec())
+                .ok_or_else(|| {
+                    load_error(anyhow::anyhow!("output {name} has no concrete shape"))
+                })?;
             shapes.push(shape);
         }
         let expected_shapes = [vec![spec.dim], vec![spec.dim], vec![]];

@@ -19,8 +19,8 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{EvalContext, EvalOp, Op, StaticName, TypedOp};
 use tract_onnx::tract_hir::internal::{
-    check_input_arity, check_output_arity, expand, Expansion, InferenceOp, InferenceResult,
-    Solver, TensorProxy,
+    check_input_arity, check_output_arity, expand, Expansion, InferenceOp, InferenceResult, Solver,
+    TensorProxy,
 };
 
 /// ONNX operator type of the fused node. Only this runtime's tract parser registers it.
@@ -37,10 +37,9 @@ pub struct AffinePRelu {
 /// Bitwise equality, which tract needs to compare operators (`Eq`, so NaN equals itself).
 impl PartialEq for AffinePRelu {
     fn eq(&self, other: &Self) -> bool {
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        bits(&self.scale) == bits(&other.scale)
-            && bits(&self.bias) == bits(&other.bias)
-            && bits(&self.slope) == bits(&other.slope)
+        super::same_bits(&self.scale, &other.scale)
+            && super::same_bits(&self.bias, &other.bias)
+            && super::same_bits(&self.slope, &other.slope)
     }
 }
 
@@ -71,7 +70,10 @@ impl EvalOp for AffinePRelu {
     tract_onnx::tract_core::op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = inputs.into_iter().next().context("AffinePRelu has one input")?;
+        let input = inputs
+            .into_iter()
+            .next()
+            .context("AffinePRelu has one input")?;
         let mut tensor = input.into_tensor();
         let shape = tensor.shape().to_vec();
         ensure!(
@@ -123,13 +125,7 @@ impl Expansion for AffinePReluExpansion {
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
         let constant = |ix: usize| -> TractResult<Vec<f32>> {
-            let fact = model.outlet_fact(inputs[ix])?;
-            let value = fact
-                .konst
-                .as_ref()
-                .with_context(|| format!("{OP_TYPE} input {ix} of {name} is not a constant"))?;
-            let value = value.cast_to::<f32>()?;
-            Ok(value.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+            Ok(super::constant_f32(model, inputs[ix], OP_TYPE, name)?.1)
         };
         let op = AffinePRelu {
             scale: constant(1)?,
@@ -140,18 +136,12 @@ impl Expansion for AffinePReluExpansion {
     }
 }
 
-fn parse_affine_prelu(
+/// Parses an [`OP_TYPE`] node; [`super::onnx_parser`] registers it.
+pub fn parse_affine_prelu(
     _ctx: &tract_onnx::model::ParsingContext,
     _node: &pb::NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     Ok((expand(AffinePReluExpansion), vec![]))
-}
-
-/// Returns tract's ONNX parser with [`OP_TYPE`] registered.
-pub fn onnx_parser() -> tract_onnx::Onnx {
-    let mut onnx = tract_onnx::onnx();
-    onnx.op_register.insert(OP_TYPE, parse_affine_prelu);
-    onnx
 }
 
 fn f32_values(tensor: &pb::TensorProto) -> Option<Vec<f32>> {
@@ -195,7 +185,11 @@ pub fn fuse_affine_prelu(model: &mut pb::ModelProto) -> (usize, usize) {
         .enumerate()
         .map(|(i, t)| (t.name.clone(), i))
         .collect();
-    let values = |name: &str| initializers.get(name).and_then(|&i| f32_values(&graph.initializer[i]));
+    let values = |name: &str| {
+        initializers
+            .get(name)
+            .and_then(|&i| f32_values(&graph.initializer[i]))
+    };
     let mut readers: HashMap<String, usize> = HashMap::new();
     for node in &graph.node {
         for input in &node.input {
@@ -264,9 +258,15 @@ pub fn fuse_affine_prelu(model: &mut pb::ModelProto) -> (usize, usize) {
     let prelus = replacements.len();
     let batch_norms = removed.iter().filter(|&&r| r).count();
     for (index, fused, [scale, bias, slope]) in replacements {
-        graph.initializer.push(f32_initializer(&fused.input[1], &scale));
-        graph.initializer.push(f32_initializer(&fused.input[2], &bias));
-        graph.initializer.push(f32_initializer(&fused.input[3], &slope));
+        graph
+            .initializer
+            .push(f32_initializer(&fused.input[1], &scale));
+        graph
+            .initializer
+            .push(f32_initializer(&fused.input[2], &bias));
+        graph
+            .initializer
+            .push(f32_initializer(&fused.input[3], &slope));
         graph.node[index] = fused;
     }
     let mut index = 0;

@@ -1,0 +1,643 @@
+//! A 3x3, stride-1 dilated convolution for tract, and the ONNX rewrite that uses it.
+//!
+//! Every ESP block of ESPNet runs five 3x3 convolutions with dilations 1, 2, 4, 8 and 16
+//! over few channels (12 to 28) and 32x64 to 128x256 pixels: 65 of them per frame, plus
+//! the 3x3 convolution before the classifier. tract 0.23 runs some as
+//! `DirectSpatialConv`, a generic loop, and the others through im2col and its matmul
+//! kernels, where the packing of nine shifted copies of a thin input costs as much as the
+//! multiplication. Together they took about half of an f32 frame.
+//!
+//! [`Conv3x3`] computes each output row as vectors of 16 pixels for four output
+//! channels at once. For every input channel and kernel tap it loads the 16 input pixels
+//! once, shifted by the dilation, and multiplies them by four weights into eight
+//! accumulators. The input rows are first copied into a zero-padded scratch buffer, kept
+//! per thread, so that the columns need no bounds checks; rows above and below the input
+//! are skipped. Weights are packed at load time, four output channels interleaved.
+//!
+//! The rewrite replaces every `Conv` with a 3x3 f32 initializer weight, stride 1,
+//! padding equal to the dilation, one group and no bias by a node of type [`OP_TYPE`]
+//! with the same output name.
+
+use std::cell::RefCell;
+
+use anyhow::{ensure, Context};
+
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::{EvalContext, EvalOp, Op, StaticName, TypedOp};
+use tract_onnx::tract_hir::internal::{
+    check_input_arity, check_output_arity, expand, Expansion, InferenceOp, InferenceResult, Solver,
+    TensorProxy,
+};
+
+use super::{f32_initializers, int, ints};
+
+/// ONNX operator type of the rewritten node. Only this runtime's tract parser registers it.
+pub const OP_TYPE: &str = "DaainConv3x3";
+
+/// Output channels computed together.
+const CHANNELS: usize = 4;
+
+/// Output pixels per row the vector kernels compute together: two vectors of eight lanes
+/// on AVX, four of four on NEON.
+const BLOCK: usize = 16;
+
+/// Weights of a 3x3 convolution, packed for the kernels:
+/// `packed[((b * inputs + i) * 9 + k) * CHANNELS + j] = w[b * CHANNELS + j, i, k]`, zero
+/// for the output channels past the last one.
+#[derive(Debug, Clone)]
+pub struct Conv3x3 {
+    inputs: usize,
+    outputs: usize,
+    dilation: usize,
+    packed: Vec<f32>,
+}
+
+/// Bitwise equality, which tract needs to compare operators (`Eq`, so NaN equals itself).
+impl PartialEq for Conv3x3 {
+    fn eq(&self, other: &Self) -> bool {
+        self.inputs == other.inputs
+            && self.outputs == other.outputs
+            && self.dilation == other.dilation
+            && self
+                .packed
+                .iter()
+                .map(|v| v.to_bits())
+                .eq(other.packed.iter().map(|v| v.to_bits()))
+    }
+}
+
+impl Eq for Conv3x3 {}
+
+thread_local! {
+    /// Zero-padded copy of the input rows, reused across calls on this thread.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The input, its rows widened by `dilation` zeros on both sides.
+struct Padded<'a> {
+    data: &'a [f32],
+    height: usize,
+    /// Length of a padded row: width + 2 * dilation.
+    stride: usize,
+}
+
+impl Padded<'_> {
+    /// Start of row `y` of input channel `i`; column `x` of the input is at `x + dilation`.
+    fn row(&self, i: usize, y: usize) -> usize {
+        (i * self.height + y) * self.stride
+    }
+}
+
+impl Conv3x3 {
+    /// Builds the operator from an ONNX `Conv` weight laid out `[outputs, inputs, 3, 3]`.
+    pub fn from_onnx_weight(
+        weight: &[f32],
+        inputs: usize,
+        outputs: usize,
+        dilation: usize,
+    ) -> anyhow::Result<Self> {
+        ensure!(
+            weight.len() == outputs * inputs * 9,
+            "convolution weight has {} values, expected {outputs} x {inputs} x 3 x 3",
+            weight.len()
+        );
+        ensure!(
+            dilation >= 1,
+            "convolution dilation is 0, expected at least 1"
+        );
+        let blocks = outputs.div_ceil(CHANNELS);
+        let mut packed = vec![0.0; blocks * inputs * 9 * CHANNELS];
+        for o in 0..outputs {
+            let (b, j) = (o / CHANNELS, o % CHANNELS);
+            for i in 0..inputs {
+                for k in 0..9 {
+                    packed[((b * inputs + i) * 9 + k) * CHANNELS + j] =
+                        weight[(o * inputs + i) * 9 + k];
+                }
+            }
+        }
+        Ok(Conv3x3 {
+            inputs,
+            outputs,
+            dilation,
+            packed,
+        })
+    }
+
+    /// Computes the output, `outputs x H x W`, of `input`, `inputs x H x W`, with the
+    /// vector kernel of this CPU where there is one.
+    pub fn run(&self, input: &[f32], height: usize, width: usize, output: &mut [f32]) {
+        self.run_with(input, height, width, output, vector_rows());
+    }
+
+    /// Computes the same output as [`Conv3x3::run`] with the portable code only.
+    pub fn run_portable(&self, input: &[f32], height: usize, width: usize, output: &mut [f32]) {
+        self.run_with(input, height, width, output, None);
+    }
+
+    fn run_with(
+        &self,
+        input: &[f32],
+        height: usize,
+        width: usize,
+        output: &mut [f32],
+        vector: Option<RowsFn>,
+    ) {
+        let plane = height * width;
+        assert_eq!(input.len(), self.inputs * plane, "conv3x3 input length");
+        assert_eq!(output.len(), self.outputs * plane, "conv3x3 output length");
+        let d = self.dilation;
+        let stride = width + 2 * d;
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.clear();
+            scratch.resize(self.inputs * height * stride, 0.0);
+            for (source, target) in input
+                .chunks_exact(width)
+                .zip(scratch.chunks_exact_mut(stride))
+            {
+                target[d..d + width].copy_from_slice(source);
+            }
+            let padded = Padded {
+                data: &scratch,
+                height,
+                stride,
+            };
+            let weights_len = self.inputs * 9 * CHANNELS;
+            for (b, weights) in self.packed.chunks_exact(weights_len).enumerate() {
+                let channels = (self.outputs - b * CHANNELS).min(CHANNELS);
+                let block = &mut output[b * CHANNELS * plane..][..channels * plane];
+                for y in 0..height {
+                    // Channels past the last one keep empty rows and are not stored.
+                    let mut rows: [&mut [f32]; CHANNELS] = Default::default();
+                    for (row, channel) in rows.iter_mut().zip(block.chunks_exact_mut(plane)) {
+                        *row = &mut channel[y * width..(y + 1) * width];
+                    }
+                    let job = Job {
+                        padded: &padded,
+                        weights,
+                        inputs: self.inputs,
+                        dilation: d,
+                        y,
+                        width,
+                    };
+                    let done = match vector {
+                        // SAFETY: `vector_rows` returned the kernel only if the CPU
+                        // supports it.
+                        Some(kernel) => unsafe { kernel(&job, &mut rows) },
+                        None => 0,
+                    };
+                    portable_rows(&job, done, &mut rows);
+                }
+            }
+        });
+    }
+}
+
+/// One output row of one block of [`CHANNELS`] output channels.
+struct Job<'a> {
+    padded: &'a Padded<'a>,
+    /// The block's packed weights: `weights[(i * 9 + k) * CHANNELS + j]`.
+    weights: &'a [f32],
+    inputs: usize,
+    dilation: usize,
+    y: usize,
+    width: usize,
+}
+
+impl Job<'_> {
+    /// Returns the kernel rows `ky` whose input row lies inside the image, with that row.
+    fn kernel_rows(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..3).filter_map(move |ky| {
+            let yy = (self.y + ky * self.dilation).checked_sub(self.dilation)?;
+            (yy < self.padded.height).then_some((ky, yy))
+        })
+    }
+}
+
+/// A vector kernel: computes the output columns `0..width / BLOCK * BLOCK` of the rows
+/// (one per output channel of the block, fewer for the last block) and returns that count.
+type RowsFn = unsafe fn(&Job, &mut [&mut [f32]; CHANNELS]) -> usize;
+
+/// Returns the vector kernel this CPU supports, if any.
+fn vector_rows() -> Option<RowsFn> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("fma") {
+        return Some(avx_fma_rows);
+    }
+    #[cfg(target_arch = "aarch64")]
+    if std::arch::is_aarch64_feature_detected!("neon") {
+        return Some(neon_rows);
+    }
+    None
+}
+
+/// Name of the kernel [`Conv3x3::run`] uses on this CPU, for logs and tests.
+pub fn kernel_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("fma") {
+        return "avx+fma";
+    }
+    #[cfg(target_arch = "aarch64")]
+    if std::arch::is_aarch64_feature_detected!("neon") {
+        return "neon";
+    }
+    "portable"
+}
+
+/// Computes the output columns from `start` on, portably.
+fn portable_rows(job: &Job, start: usize, rows: &mut [&mut [f32]; CHANNELS]) {
+    let padded = job.padded;
+    let d = job.dilation;
+    for x in start..job.width {
+        let mut acc = [0.0f32; CHANNELS];
+        for i in 0..job.inputs {
+            for (ky, yy) in job.kernel_rows() {
+                let row = &padded.data[padded.row(i, yy)..][..padded.stride];
+                for kx in 0..3 {
+                    let v = row[x + kx * d];
+                    let w = &job.weights[(i * 9 + ky * 3 + kx) * CHANNELS..][..CHANNELS];
+                    for (acc, w) in acc.iter_mut().zip(w) {
+                        *acc += w * v;
+                    }
+                }
+            }
+        }
+        for (row, acc) in rows.iter_mut().zip(acc) {
+            if let Some(value) = row.get_mut(x) {
+                *value = acc;
+            }
+        }
+    }
+}
+
+/// AVX kernel with fused multiply-add: 16 columns as two vectors, eight accumulators.
+///
+/// # Safety
+/// The CPU must support AVX and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,fma")]
+unsafe fn avx_fma_rows(job: &Job, rows: &mut [&mut [f32]; CHANNELS]) -> usize {
+    use std::arch::x86_64::*;
+
+    let padded = job.padded;
+    let d = job.dilation;
+    let end = job.width / BLOCK * BLOCK;
+    assert!(job.weights.len() == job.inputs * 9 * CHANNELS);
+    assert!(padded.data.len() >= job.inputs * padded.height * padded.stride);
+    assert!(padded.stride >= job.width + 2 * d);
+    for x in (0..end).step_by(BLOCK) {
+        let mut acc = [_mm256_setzero_ps(); 2 * CHANNELS];
+        for i in 0..job.inputs {
+            for (ky, yy) in job.kernel_rows() {
+                // In bounds: the row has stride >= width + 2d values and x + 2d + 16 <=
+                // width + 2d.
+                let row = padded.data.as_ptr().add(padded.row(i, yy) + x);
+                for kx in 0..3 {
+                    let p = row.add(kx * d);
+                    let (v0, v1) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+                    let w = job.weights.as_ptr().add((i * 9 + ky * 3 + kx) * CHANNELS);
+                    for j in 0..CHANNELS {
+                        let w = _mm256_broadcast_ss(&*w.add(j));
+                        acc[2 * j] = _mm256_fmadd_ps(w, v0, acc[2 * j]);
+                        acc[2 * j + 1] = _mm256_fmadd_ps(w, v1, acc[2 * j + 1]);
+                    }
+                }
+            }
+        }
+        for (j, row) in rows.iter_mut().enumerate() {
+            if row.len() == job.width {
+                _mm256_storeu_ps(row.as_mut_ptr().add(x), acc[2 * j]);
+                _mm256_storeu_ps(row.as_mut_ptr().add(x + 8), acc[2 * j + 1]);
+            }
+        }
+    }
+    end
+}
+
+/// NEON kernel: 16 columns as four vectors, sixteen accumulators.
+///
+/// # Safety
+/// The CPU must support NEON.
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+unsafe fn neon_rows(job: &Job, rows: &mut [&mut [f32]; CHANNELS]) -> usize {
+    use std::arch::aarch64::*;
+
+    let padded = job.padded;
+    let d = job.dilation;
+    let end = job.width / BLOCK * BLOCK;
+    assert!(job.weights.len() == job.inputs * 9 * CHANNELS);
+    assert!(padded.data.len() >= job.inputs * padded.height * padded.stride);
+    assert!(padded.stride >= job.width + 2 * d);
+    for x in (0..end).step_by(BLOCK) {
+        let mut acc = [vdupq_n_f32(0.0); 4 * CHANNELS];
+        for i in 0..job.inputs {
+            for (ky, yy) in job.kernel_rows() {
+                // In bounds: as for the AVX kernel.
+                let row = padded.data.as_ptr().add(padded.row(i, yy) + x);
+                for kx in 0..3 {
+                    let p = row.add(kx * d);
+                    let v = [
+                        vld1q_f32(p),
+                        vld1q_f32(p.add(4)),
+                        vld1q_f32(p.add(8)),
+                        vld1q_f32(p.add(12)),
+                    ];
+                    let w = vld1q_f32(job.weights.as_ptr().add((i * 9 + ky * 3 + kx) * CHANNELS));
+                    for q in 0..4 {
+                        acc[q] = vfmaq_laneq_f32::<0>(acc[q], v[q], w);
+                        acc[4 + q] = vfmaq_laneq_f32::<1>(acc[4 + q], v[q], w);
+                        acc[8 + q] = vfmaq_laneq_f32::<2>(acc[8 + q], v[q], w);
+                        acc[12 + q] = vfmaq_laneq_f32::<3>(acc[12 + q], v[q], w);
+                    }
+                }
+            }
+        }
+        for (j, row) in rows.iter_mut().enumerate() {
+            if row.len() == job.width {
+                for q in 0..4 {
+                    vst1q_f32(row.as_mut_ptr().add(x + 4 * q), acc[4 * j + q]);
+                }
+            }
+        }
+    }
+    end
+}
+
+impl Op for Conv3x3 {
+    fn name(&self) -> StaticName {
+        "Conv3x3".into()
+    }
+
+    tract_onnx::tract_core::op_as_typed_op!();
+}
+
+impl EvalOp for Conv3x3 {
+    tract_onnx::tract_core::op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        super::eval_nchw(
+            "Conv3x3",
+            inputs,
+            self.inputs,
+            self.outputs,
+            1,
+            |x, h, w, y| self.run(x, h, w, y),
+        )
+    }
+}
+
+impl TypedOp for Conv3x3 {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        super::nchw_output_facts("Conv3x3", inputs, self.outputs, 1)
+    }
+
+    tract_onnx::tract_core::as_op!();
+}
+
+/// The ONNX-level operator: inputs `x` and the constant weight; attribute `dilation`.
+#[derive(Debug, Clone)]
+struct Conv3x3Expansion {
+    dilation: usize,
+}
+
+impl Expansion for Conv3x3Expansion {
+    fn name(&self) -> StaticName {
+        OP_TYPE.into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 2)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
+        s.equals(&inputs[0].rank, 4)?;
+        s.equals(&outputs[0].rank, 4)?;
+        s.equals(&inputs[0].shape[0], &outputs[0].shape[0])?;
+        s.equals(&inputs[1].shape[0], &outputs[0].shape[1])?;
+        s.equals(&inputs[0].shape[2], &outputs[0].shape[2])?;
+        s.equals(&inputs[0].shape[3], &outputs[0].shape[3])?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        name: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let (shape, weight) = super::constant_f32(model, inputs[1], OP_TYPE, name)?;
+        ensure!(
+            shape.len() == 4 && shape[2] == 3 && shape[3] == 3,
+            "{OP_TYPE} weight of {name} has shape {shape:?}, expected [outputs, inputs, 3, 3]"
+        );
+        let op = Conv3x3::from_onnx_weight(&weight, shape[1], shape[0], self.dilation)?;
+        model.wire_node(name, op, &[inputs[0]])
+    }
+}
+
+/// Parses an [`OP_TYPE`] node; [`super::onnx_parser`] registers it.
+pub fn parse_conv3x3(
+    _ctx: &tract_onnx::model::ParsingContext,
+    node: &pb::NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let dilation = node
+        .attribute
+        .iter()
+        .find(|a| a.name == "dilation")
+        .map(|a| a.i)
+        .with_context(|| format!("{OP_TYPE} node has no `dilation` attribute"))?;
+    let dilation = usize::try_from(dilation)
+        .ok()
+        .filter(|&d| d >= 1)
+        .with_context(|| format!("{OP_TYPE} dilation {dilation} is not a positive integer"))?;
+    Ok((expand(Conv3x3Expansion { dilation }), vec![]))
+}
+
+/// Returns the dilation of `node` if it is a `Conv` this operator computes: kernel 3x3,
+/// stride 1, padding equal to the dilation on every side, one group, no bias.
+fn conv3x3_dilation(node: &pb::NodeProto) -> Option<usize> {
+    let auto_pad = node
+        .attribute
+        .iter()
+        .find(|a| a.name == "auto_pad")
+        .map(|a| a.s.as_slice());
+    let dilations = ints(node, "dilations", &[1, 1]);
+    let fits = node.op_type == "Conv"
+        && node.input.len() == 2
+        && ints(node, "kernel_shape", &[3, 3]) == [3, 3]
+        && ints(node, "strides", &[1, 1]) == [1, 1]
+        && dilations.len() == 2
+        && dilations[0] == dilations[1]
+        && dilations[0] >= 1
+        && ints(node, "pads", &[0; 4]) == [dilations[0]; 4]
+        && int(node, "group", 1) == 1
+        && matches!(auto_pad, None | Some(b"NOTSET"));
+    fits.then_some(dilations[0] as usize)
+}
+
+/// Replaces each `Conv` that [`Conv3x3`] computes, with a 3x3 f32 weight initializer, by
+/// an [`OP_TYPE`] node. Returns the number replaced.
+pub fn fuse_conv3x3(model: &mut pb::ModelProto) -> usize {
+    let Some(graph) = model.graph.as_mut() else {
+        return 0;
+    };
+    let weights = f32_initializers(graph, 4);
+    let replace: Vec<(usize, usize)> = graph
+        .node
+        .iter()
+        .enumerate()
+        .filter_map(|(index, node)| {
+            let dilation = conv3x3_dilation(node)?;
+            let weight = weights.get(node.input[1].as_str())?;
+            (weight.dims[2] == 3 && weight.dims[3] == 3).then_some((index, dilation))
+        })
+        .collect();
+    for &(index, dilation) in &replace {
+        let node = &mut graph.node[index];
+        node.op_type = OP_TYPE.to_owned();
+        node.domain.clear();
+        node.attribute = vec![pb::AttributeProto {
+            name: "dilation".into(),
+            i: dilation as i64,
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            ..Default::default()
+        }];
+    }
+    replace.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Computes the definition in f64, one output value at a time.
+    fn reference(
+        weight: &[f32],
+        inputs: usize,
+        outputs: usize,
+        dilation: usize,
+        input: &[f32],
+        h: usize,
+        w: usize,
+    ) -> Vec<f32> {
+        let mut out = vec![0.0; outputs * h * w];
+        for o in 0..outputs {
+            for y in 0..h {
+                for x in 0..w {
+                    let mut sum = 0.0f64;
+                    for i in 0..inputs {
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let yy = (y + ky * dilation) as isize - dilation as isize;
+                                let xx = (x + kx * dilation) as isize - dilation as isize;
+                                if yy < 0 || xx < 0 || yy >= h as isize || xx >= w as isize {
+                                    continue;
+                                }
+                                let v = input[(i * h + yy as usize) * w + xx as usize];
+                                sum += f64::from(weight[((o * inputs + i) * 3 + ky) * 3 + kx])
+                                    * f64::from(v);
+                            }
+                        }
+                    }
+                    out[(o * h + y) * w + x] = sum as f32;
+                }
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn matches_the_definition(
+            inputs in 1usize..14,
+            outputs in 1usize..10,
+            dilation in prop::sample::select(vec![1usize, 2, 3, 4, 8, 16]),
+            height in 1usize..20,
+            width in 1usize..53,
+            seed in any::<u64>(),
+        ) {
+            let mut state = seed | 1;
+            let mut next = || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            };
+            let weight: Vec<f32> = (0..outputs * inputs * 9).map(|_| next()).collect();
+            let input: Vec<f32> = (0..inputs * height * width).map(|_| next() * 10.0).collect();
+            let op = Conv3x3::from_onnx_weight(&weight, inputs, outputs, dilation).unwrap();
+            let expected = reference(&weight, inputs, outputs, dilation, &input, height, width);
+            let mut dispatched = vec![f32::NAN; expected.len()];
+            op.run(&input, height, width, &mut dispatched);
+            let mut portable = vec![f32::NAN; expected.len()];
+            op.run_portable(&input, height, width, &mut portable);
+            // Sums of up to 13 * 9 products of values up to 10 in f32.
+            let tolerance = 1e-4 * (inputs * 9) as f32 * 10.0;
+            for (index, ((e, d), p)) in expected.iter().zip(&dispatched).zip(&portable).enumerate() {
+                prop_assert!((e - d).abs() <= tolerance, "dispatched [{}]: {} vs {}", index, d, e);
+                prop_assert!((e - p).abs() <= tolerance, "portable [{}]: {} vs {}", index, p, e);
+            }
+        }
+    }
+
+    #[test]
+    fn weight_of_the_wrong_size_is_rejected() {
+        let error = Conv3x3::from_onnx_weight(&[0.0; 17], 1, 2, 1).unwrap_err();
+        assert!(error.to_string().contains("17 values"), "{error}");
+    }
+
+    fn conv(attributes: Vec<pb::AttributeProto>) -> pb::NodeProto {
+        pb::NodeProto {
+            op_type: "Conv".into(),
+            input: vec!["x".into(), "w".into()],
+            output: vec!["y".into()],
+            attribute: attributes,
+            ..Default::default()
+        }
+    }
+
+    fn ints_attribute(name: &str, values: &[i64]) -> pb::AttributeProto {
+        pb::AttributeProto {
+            name: name.into(),
+            ints: values.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_same_size_stride_one_3x3_is_matched() {
+        let kernel = ints_attribute("kernel_shape", &[3, 3]);
+        let dilated = |d: i64| {
+            vec![
+                kernel.clone(),
+                ints_attribute("dilations", &[d, d]),
+                ints_attribute("pads", &[d; 4]),
+            ]
+        };
+        assert_eq!(conv3x3_dilation(&conv(dilated(1))), Some(1));
+        assert_eq!(conv3x3_dilation(&conv(dilated(8))), Some(8));
+        let mut strided = dilated(1);
+        strided.push(ints_attribute("strides", &[2, 2]));
+        assert_eq!(conv3x3_dilation(&conv(strided)), None);
+        assert_eq!(
+            conv3x3_dilation(&conv(vec![kernel.clone()])),
+            None,
+            "no padding"
+        );
+        let mut with_bias = conv(dilated(2));
+        with_bias.input.push("b".into());
+        assert_eq!(conv3x3_dilation(&with_bias), None);
+        assert_eq!(
+            conv3x3_dilation(&conv(vec![ints_attribute("kernel_shape", &[1, 1])])),
+            None
+        );
+    }
+}

@@ -1,0 +1,210 @@
+//! Graph rewrites that replace patterns tract 0.23 runs in several passes over memory by
+//! one operator of this crate each, applied to the ONNX model in memory when a backbone
+//! or combined plan loads. The files on disk stay standard ONNX, and each rewritten node
+//! keeps its output name, so taps and graph outputs are unchanged.
+//!
+//! | rewrite | replaces | share of an f32 frame before |
+//! |---|---|---|
+//! | [`prelu`] | BatchNorm + PRelu (Mul, Greater, Iff, Mul, Add) | about a third |
+//! | [`deconv`] | 2x2 stride-2 `ConvTranspose` (matmul + `DeconvSum`) | about a tenth |
+//! | [`conv3x3`] | 3x3 stride-1 `Conv` (`DirectSpatialConv`, im2col + matmul) | about half |
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+pub mod conv3x3;
+pub mod deconv;
+pub mod prelu;
+
+/// Choice of the graph rewrites applied to an ONNX model before tract types it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewrites {
+    /// Each PRelu, with the BatchNorm before it, as one pass ([`prelu`]).
+    pub prelu: bool,
+    /// Each 2x2 stride-2 transposed convolution as one pass ([`deconv`]).
+    pub deconv: bool,
+    /// Each 3x3 stride-1 convolution, dilated or not, as one pass ([`conv3x3`]).
+    pub conv3x3: bool,
+}
+
+impl Rewrites {
+    /// Every rewrite on: the default.
+    pub const ALL: Rewrites = Rewrites {
+        prelu: true,
+        deconv: true,
+        conv3x3: true,
+    };
+    /// The model as tract lowers it by itself.
+    pub const NONE: Rewrites = Rewrites {
+        prelu: false,
+        deconv: false,
+        conv3x3: false,
+    };
+
+    /// Every rewrite except those turned off with `DAAIN_PRELU_FUSION=off`,
+    /// `DAAIN_DECONV_FUSION=off` or `DAAIN_CONV3X3_FUSION=off`, for benchmarks and
+    /// profiles of tract's own lowering.
+    pub fn from_env() -> Rewrites {
+        let on = |name: &str| std::env::var(name).map_or(true, |v| v != "off");
+        Rewrites {
+            prelu: on("DAAIN_PRELU_FUSION"),
+            deconv: on("DAAIN_DECONV_FUSION"),
+            conv3x3: on("DAAIN_CONV3X3_FUSION"),
+        }
+    }
+
+    /// Applies the chosen rewrites to `model` and logs what each replaced.
+    pub fn apply(&self, model: &mut pb::ModelProto) {
+        if self.prelu {
+            let (prelus, batch_norms) = prelu::fuse_affine_prelu(model);
+            log::debug!("fused {prelus} PRelus and {batch_norms} BatchNorms before them");
+        }
+        if self.deconv {
+            let deconvs = deconv::fuse_deconv2x2(model);
+            log::debug!(
+                "rewrote {deconvs} 2x2 stride-2 transposed convolutions ({} kernel)",
+                deconv::kernel_name()
+            );
+        }
+        if self.conv3x3 {
+            let convs = conv3x3::fuse_conv3x3(model);
+            log::debug!(
+                "rewrote {convs} 3x3 stride-1 convolutions ({} kernel)",
+                conv3x3::kernel_name()
+            );
+        }
+    }
+}
+
+/// Returns tract's ONNX parser with the operators of the [`Rewrites`] registered.
+pub fn onnx_parser() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    onnx.op_register
+        .insert(prelu::OP_TYPE, prelu::parse_affine_prelu);
+    onnx.op_register
+        .insert(deconv::OP_TYPE, deconv::parse_deconv2x2);
+    onnx.op_register
+        .insert(conv3x3::OP_TYPE, conv3x3::parse_conv3x3);
+    onnx
+}
+
+/// Returns the integer list attribute `name` of `node`, or `default` when it is absent.
+pub(crate) fn ints(node: &pb::NodeProto, name: &str, default: &[i64]) -> Vec<i64> {
+    node.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .map_or_else(|| default.to_vec(), |a| a.ints.clone())
+}
+
+/// Returns the integer attribute `name` of `node`, or `default` when it is absent.
+pub(crate) fn int(node: &pb::NodeProto, name: &str, default: i64) -> i64 {
+    node.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .map_or(default, |a| a.i)
+}
+
+/// Returns whether two f32 slices hold the same bits, so that NaN equals itself, as
+/// tract's `Eq` on operators needs.
+pub(crate) fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// Returns the graph's f32 initializers of rank `rank` by name.
+pub(crate) fn f32_initializers(
+    graph: &pb::GraphProto,
+    rank: usize,
+) -> HashMap<&str, &pb::TensorProto> {
+    let float = pb::tensor_proto::DataType::Float as i32;
+    graph
+        .initializer
+        .iter()
+        .filter(|t| t.data_type == float && t.dims.len() == rank)
+        .map(|t| (t.name.as_str(), t))
+        .collect()
+}
+
+/// Returns the value of the constant input `outlet` of node `name` as f32, with its shape.
+pub(crate) fn constant_f32(
+    model: &TypedModel,
+    outlet: OutletId,
+    op_type: &str,
+    name: &str,
+) -> TractResult<(Vec<usize>, Vec<f32>)> {
+    let fact = model.outlet_fact(outlet)?;
+    let value = fact
+        .konst
+        .as_ref()
+        .with_context(|| {
+            format!(
+                "{op_type} input {} of {name} is not a constant",
+                outlet.slot
+            )
+        })?
+        .cast_to::<f32>()?;
+    let data = value.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    Ok((value.shape().to_vec(), data))
+}
+
+/// Runs `compute` on the f32 NCHW input of an operator (batch 1, `channels` channels) and
+/// an uninitialised output of shape `[1, outputs, height * scale, width * scale]`, which
+/// `compute` must fill completely. Returns that output.
+pub(crate) fn eval_nchw(
+    op_name: &str,
+    inputs: TVec<TValue>,
+    channels: usize,
+    outputs: usize,
+    scale: usize,
+    compute: impl FnOnce(&[f32], usize, usize, &mut [f32]),
+) -> TractResult<TVec<TValue>> {
+    let input = inputs
+        .into_iter()
+        .next()
+        .with_context(|| format!("{op_name} has one input"))?;
+    let shape = input.shape().to_vec();
+    anyhow::ensure!(
+        shape.len() == 4 && shape[0] == 1 && shape[1] == channels,
+        "{op_name} input has shape {shape:?}, expected [1, {channels}, H, W]"
+    );
+    let (height, width) = (shape[2], shape[3]);
+    // SAFETY: `compute` writes every value of the output before it is read.
+    let mut output =
+        unsafe { Tensor::uninitialized::<f32>(&[1, outputs, scale * height, scale * width])? };
+    {
+        let source = input.try_as_plain_ram()?;
+        let mut target = output.try_as_plain_ram_mut()?;
+        compute(
+            source.as_slice::<f32>()?,
+            height,
+            width,
+            target.as_slice_mut::<f32>()?,
+        );
+    }
+    Ok(tvec!(output.into_tvalue()))
+}
+
+/// Returns the output facts of an operator that maps `[N, C, H, W]` to
+/// `[N, outputs, H * scale, W * scale]`.
+pub(crate) fn nchw_output_facts(
+    op_name: &str,
+    inputs: &[&TypedFact],
+    outputs: usize,
+    scale: usize,
+) -> TractResult<TVec<TypedFact>> {
+    let shape = &inputs[0].shape;
+    anyhow::ensure!(
+        shape.rank() == 4,
+        "{op_name} input has rank {}, expected 4",
+        shape.rank()
+    );
+    let dims: TVec<TDim> = tvec![
+        shape[0].clone(),
+        outputs.into(),
+        shape[2].clone() * scale as i64,
+        shape[3].clone() * scale as i64,
+    ];
+    Ok(tvec!(inputs[0].datum_type.fact(dims)))
+}
