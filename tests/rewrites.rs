@@ -26,7 +26,12 @@ const MAX_RELATIVE_DIFFERENCE: f32 = 1e-4;
 const MAX_INT8_RMS_DIFFERENCE: f32 = 5e-3;
 const MIN_INT8_ARGMAX_AGREEMENT: f64 = 0.98;
 
-fn load(bundle: &Bundle, precision: BackbonePrecision, rewrites: Rewrites) -> Backbone {
+fn load(
+    bundle: &Bundle,
+    precision: BackbonePrecision,
+    threads: usize,
+    rewrites: Rewrites,
+) -> Backbone {
     let manifest = bundle.manifest();
     let spec = BackboneSpec {
         path: bundle.backbone_path_for(precision).unwrap(),
@@ -39,7 +44,7 @@ fn load(bundle: &Bundle, precision: BackbonePrecision, rewrites: Rewrites) -> Ba
             .iter()
             .map(|t| t.name.clone())
             .collect(),
-        threads: 1,
+        threads,
     };
     Backbone::load_with(&spec, rewrites).unwrap()
 }
@@ -81,7 +86,7 @@ fn argmax_agreement(a: &[f32], b: &[f32], classes: usize) -> f64 {
     same as f64 / a_classes.len() as f64
 }
 
-fn compare(precision: BackbonePrecision) {
+fn compare(precision: BackbonePrecision, threads: usize) {
     let bundle = Bundle::open(&repo_path("models/default")).unwrap();
     let frame = read_clip_frames(&[0]).pop().unwrap();
     let mut input = vec![0.0; bundle.manifest().input.tensor_len()];
@@ -89,8 +94,8 @@ fn compare(precision: BackbonePrecision) {
         .run(&frame.data, frame.width, frame.height, &mut input)
         .unwrap();
 
-    let mut rewritten = load(&bundle, precision, Rewrites::ALL);
-    let mut plain = load(&bundle, precision, Rewrites::NONE);
+    let mut rewritten = load(&bundle, precision, threads, Rewrites::ALL);
+    let mut plain = load(&bundle, precision, threads, Rewrites::NONE);
     let operators = |backbone: &Backbone, name: &str| backbone.kernels().operator_count(name);
     assert_eq!(
         operators(&rewritten, "Deconv2x2"),
@@ -167,10 +172,16 @@ fn compare(precision: BackbonePrecision) {
 
 #[test]
 fn rewritten_f32_backbone_equals_tract_lowering() {
-    compare(BackbonePrecision::F32);
+    compare(BackbonePrecision::F32, 1);
+}
+
+/// On two threads the rewritten operators split their output channels across tract's pool.
+#[test]
+fn rewritten_f32_backbone_on_two_threads() {
+    compare(BackbonePrecision::F32, 2);
 }
 
 #[test]
 fn rewritten_int8_backbone_equals_tract_lowering() {
-    compare(BackbonePrecision::Int8);
+    compare(BackbonePrecision::Int8, 1);
 }

@@ -71,6 +71,11 @@ impl Deconv2x2 {
             "transposed convolution weight has {} values, expected {inputs} x {outputs} x 2 x 2",
             weight.len()
         );
+        ensure!(
+            inputs > 0 && outputs > 0,
+            "transposed convolution has {inputs} input and {outputs} output channels, expected \
+             at least 1"
+        );
         let mut taps = vec![0.0; weight.len()];
         for i in 0..inputs {
             for o in 0..outputs {
@@ -113,7 +118,7 @@ impl Deconv2x2 {
             "deconv output length"
         );
         let out_width = 2 * width;
-        for (o, channel) in output.chunks_exact_mut(4 * plane).enumerate() {
+        super::for_each_chunk(output, 4 * plane, |o, channel| {
             let taps = &self.taps[o * 4 * self.inputs..(o + 1) * 4 * self.inputs];
             let (w00, rest) = taps.split_at(self.inputs);
             let (w01, rest) = rest.split_at(self.inputs);
@@ -134,7 +139,7 @@ impl Deconv2x2 {
                 };
                 portable_rows(&weights, &row, done, top, bottom);
             }
-        }
+        });
     }
 }
 
@@ -330,7 +335,7 @@ impl EvalOp for Deconv2x2 {
 
 impl TypedOp for Deconv2x2 {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        super::nchw_output_facts("Deconv2x2", inputs, self.outputs, 2)
+        super::nchw_output_facts("Deconv2x2", inputs, self.inputs, self.outputs, 2)
     }
 
     tract_onnx::tract_core::as_op!();
@@ -358,6 +363,7 @@ impl Expansion for Deconv2x2Expansion {
         s.equals(&outputs[0].rank, 4)?;
         s.equals(&inputs[0].shape[0], &outputs[0].shape[0])?;
         s.equals(&inputs[1].shape[1], &outputs[0].shape[1])?;
+        s.equals(&inputs[0].shape[1], &inputs[1].shape[0])?;
         s.given(&inputs[0].shape[2], move |s, height| {
             s.equals(&outputs[0].shape[2], height * 2)
         })?;

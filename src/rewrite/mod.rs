@@ -91,6 +91,34 @@ pub fn onnx_parser() -> tract_onnx::Onnx {
     onnx
 }
 
+/// Calls `f` with the index and contents of each `len`-value chunk of `data` (the last may
+/// be shorter). The chunks are split across tract's thread pool when the running plan has
+/// more than one thread, so each chunk must be independent of the others.
+pub(crate) fn for_each_chunk(
+    data: &mut [f32],
+    len: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    use tract_linalg::multithread::{current_tract_executor, Executor};
+
+    match current_tract_executor() {
+        Executor::MultiThread(pool) if pool.current_num_threads() > 1 => pool.install(|| {
+            data.par_chunks_mut(len)
+                .enumerate()
+                .for_each(|(index, chunk)| f(index, chunk))
+        }),
+        Executor::RayonGlobal => data
+            .par_chunks_mut(len)
+            .enumerate()
+            .for_each(|(index, chunk)| f(index, chunk)),
+        _ => data
+            .chunks_mut(len)
+            .enumerate()
+            .for_each(|(index, chunk)| f(index, chunk)),
+    }
+}
+
 /// Returns the integer list attribute `name` of `node`, or `default` when it is absent.
 pub(crate) fn ints(node: &pb::NodeProto, name: &str, default: &[i64]) -> Vec<i64> {
     node.attribute
@@ -166,8 +194,8 @@ pub(crate) fn eval_nchw(
         .with_context(|| format!("{op_name} has one input"))?;
     let shape = input.shape().to_vec();
     anyhow::ensure!(
-        shape.len() == 4 && shape[0] == 1 && shape[1] == channels,
-        "{op_name} input has shape {shape:?}, expected [1, {channels}, H, W]"
+        shape.len() == 4 && shape[0] == 1 && shape[1] == channels && shape[2] > 0 && shape[3] > 0,
+        "{op_name} input has shape {shape:?}, expected [1, {channels}, H, W] with H, W > 0"
     );
     let (height, width) = (shape[2], shape[3]);
     // SAFETY: `compute` writes every value of the output before it is read.
@@ -186,19 +214,19 @@ pub(crate) fn eval_nchw(
     Ok(tvec!(output.into_tvalue()))
 }
 
-/// Returns the output facts of an operator that maps `[N, C, H, W]` to
-/// `[N, outputs, H * scale, W * scale]`.
+/// Returns the output facts of an operator that maps `[1, channels, H, W]` to
+/// `[1, outputs, H * scale, W * scale]`, after checking the input against that.
 pub(crate) fn nchw_output_facts(
     op_name: &str,
     inputs: &[&TypedFact],
+    channels: usize,
     outputs: usize,
     scale: usize,
 ) -> TractResult<TVec<TypedFact>> {
     let shape = &inputs[0].shape;
     anyhow::ensure!(
-        shape.rank() == 4,
-        "{op_name} input has rank {}, expected 4",
-        shape.rank()
+        shape.rank() == 4 && shape[0] == 1.into() && shape[1] == channels.into(),
+        "{op_name} input has shape {shape:?}, expected [1, {channels}, H, W]"
     );
     let dims: TVec<TDim> = tvec![
         shape[0].clone(),

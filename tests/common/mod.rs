@@ -65,7 +65,11 @@ pub fn read_clip_frames(indices: &[u64]) -> Vec<Frame> {
             frames.push(frame.clone());
         }
     }
-    assert_eq!(frames.len(), indices.len(), "not every requested frame of {CLIP} was decoded");
+    assert_eq!(
+        frames.len(),
+        indices.len(),
+        "not every requested frame of {CLIP} was decoded"
+    );
     frames
 }
 
@@ -75,7 +79,8 @@ pub fn vertical_flip(frame: &Frame) -> Frame {
     let stride = frame.width * 3;
     for y in 0..frame.height {
         let target = (frame.height - 1 - y) * stride;
-        out.data[target..target + stride].copy_from_slice(&frame.data[y * stride..(y + 1) * stride]);
+        out.data[target..target + stride]
+            .copy_from_slice(&frame.data[y * stride..(y + 1) * stride]);
     }
     out
 }
@@ -117,7 +122,9 @@ pub fn daain_command() -> Command {
 /// for a frame after warm-up, and at least 1.5 s. Natively that is 1.5 s; under emulation,
 /// where a frame takes 10 to 50 s, a fixed period would fire between every two frames.
 pub fn watchdog_for(detector: &mut Detector<'_>) -> Duration {
-    let frame = read_clip_frames(&[0]).pop().expect("frame 0 of the clip decodes");
+    let frame = read_clip_frames(&[0])
+        .pop()
+        .expect("frame 0 of the clip decodes");
     detector.score_frame(&frame, false).unwrap();
     let start = Instant::now();
     detector.score_frame(&frame, false).unwrap();
