@@ -170,29 +170,33 @@ impl Conv3x3 {
             };
             let weights_len = self.inputs * 9 * CHANNELS;
             // Each block of CHANNELS output channels is a contiguous part of the output.
-            super::for_each_chunk(output, CHANNELS * plane, |b, block| {
-                let weights = &self.packed[b * weights_len..][..weights_len];
+            // Rows are the outer loop, so that the input rows around row y stay in cache
+            // while every block of a run uses them.
+            super::for_each_run(output, CHANNELS * plane, |first, run| {
                 for y in 0..height {
-                    // Channels past the last one keep empty rows and are not stored.
-                    let mut rows: [&mut [f32]; CHANNELS] = Default::default();
-                    for (row, channel) in rows.iter_mut().zip(block.chunks_exact_mut(plane)) {
-                        *row = &mut channel[y * width..(y + 1) * width];
+                    for (index, block) in run.chunks_mut(CHANNELS * plane).enumerate() {
+                        let weights = &self.packed[(first + index) * weights_len..][..weights_len];
+                        // Channels past the last one keep empty rows and are not stored.
+                        let mut rows: [&mut [f32]; CHANNELS] = Default::default();
+                        for (row, channel) in rows.iter_mut().zip(block.chunks_exact_mut(plane)) {
+                            *row = &mut channel[y * width..(y + 1) * width];
+                        }
+                        let job = Job {
+                            padded: &padded,
+                            weights,
+                            inputs: self.inputs,
+                            dilation: d,
+                            y,
+                            width,
+                        };
+                        let done = match vector {
+                            // SAFETY: `vector_rows` returned the kernel only if the CPU
+                            // supports it.
+                            Some(kernel) => unsafe { kernel(&job, &mut rows) },
+                            None => 0,
+                        };
+                        portable_rows(&job, done, &mut rows);
                     }
-                    let job = Job {
-                        padded: &padded,
-                        weights,
-                        inputs: self.inputs,
-                        dilation: d,
-                        y,
-                        width,
-                    };
-                    let done = match vector {
-                        // SAFETY: `vector_rows` returned the kernel only if the CPU
-                        // supports it.
-                        Some(kernel) => unsafe { kernel(&job, &mut rows) },
-                        None => 0,
-                    };
-                    portable_rows(&job, done, &mut rows);
                 }
             });
         });

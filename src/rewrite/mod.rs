@@ -91,31 +91,36 @@ pub fn onnx_parser() -> tract_onnx::Onnx {
     onnx
 }
 
-/// Calls `f` with the index and contents of each `len`-value chunk of `data` (the last may
-/// be shorter). The chunks are split across tract's thread pool when the running plan has
-/// more than one thread, so each chunk must be independent of the others.
-pub(crate) fn for_each_chunk(
+/// Splits `data`, a sequence of units of `unit_len` values each, into one run of whole
+/// units per thread of tract's pool (one run when the plan has one thread) and calls `f`
+/// with the index of each run's first unit and the run. Runs go to the pool's threads in
+/// parallel, so each must be independent of the others.
+pub(crate) fn for_each_run(
     data: &mut [f32],
-    len: usize,
+    unit_len: usize,
     f: impl Fn(usize, &mut [f32]) + Sync + Send,
 ) {
     use rayon::prelude::*;
     use tract_linalg::multithread::{current_tract_executor, Executor};
 
+    let units = data.len().div_ceil(unit_len.max(1));
+    let split = |threads: usize| units.div_ceil(threads.clamp(1, units.max(1))) * unit_len;
     match current_tract_executor() {
-        Executor::MultiThread(pool) if pool.current_num_threads() > 1 => pool.install(|| {
+        Executor::MultiThread(pool) if pool.current_num_threads() > 1 => {
+            let len = split(pool.current_num_threads());
+            pool.install(|| {
+                data.par_chunks_mut(len)
+                    .enumerate()
+                    .for_each(|(index, run)| f(index * len / unit_len, run))
+            })
+        }
+        Executor::RayonGlobal => {
+            let len = split(rayon::current_num_threads());
             data.par_chunks_mut(len)
                 .enumerate()
-                .for_each(|(index, chunk)| f(index, chunk))
-        }),
-        Executor::RayonGlobal => data
-            .par_chunks_mut(len)
-            .enumerate()
-            .for_each(|(index, chunk)| f(index, chunk)),
-        _ => data
-            .chunks_mut(len)
-            .enumerate()
-            .for_each(|(index, chunk)| f(index, chunk)),
+                .for_each(|(index, run)| f(index * len / unit_len, run))
+        }
+        _ => f(0, data),
     }
 }
 
