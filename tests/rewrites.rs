@@ -19,10 +19,10 @@ const MAX_RELATIVE_DIFFERENCE: f32 = 1e-4;
 
 /// In int8 a rounding difference before a `QuantizeLinear` can move a value by a whole
 /// quantisation step, and later layers carry that on. The two convolution rewrites
-/// together moved the logits by at most 2.2e-7 of their range there. The PRelu fusion sums `scale * x + bias` in one
-/// step where tract dequantises, multiplies and adds. It moved single logits by up to
-/// 1.7% of their range (2.1e-3 root mean square) and changed the class of 1.3% of the
-/// pixels on the test frame.
+/// together moved the logits by at most 2.2e-7 of their range there. The PRelu fusion
+/// sums `scale * x + bias` in one step where tract dequantises, multiplies and adds. It
+/// moved single logits by up to 1.7% of their range (2.1e-3 root mean square) and
+/// changed the class of 1.3% of the pixels on the test frame.
 const MAX_INT8_RMS_DIFFERENCE: f32 = 5e-3;
 const MIN_INT8_ARGMAX_AGREEMENT: f64 = 0.98;
 
