@@ -1,8 +1,10 @@
-//! A 3x3, stride-1 dilated convolution for tract, and the ONNX rewrite that uses it.
+//! A 3x3 convolution for tract, stride 1 and dilated or stride 2, and the ONNX rewrite
+//! that uses it.
 //!
 //! Every ESP block of ESPNet runs five 3x3 convolutions with dilations 1, 2, 4, 8 and 16
 //! over few channels (12 to 28) and 32x64 to 128x256 pixels: 65 of them per frame, plus
-//! the 3x3 convolution before the classifier. tract 0.23 runs some as
+//! the 3x3 convolution before the classifier and three stride-2 ones that halve the
+//! resolution. tract 0.23 runs some as
 //! `DirectSpatialConv`, a generic loop, and the others through im2col and its matmul
 //! kernels, where the packing of nine shifted copies of a thin input costs as much as the
 //! multiplication. Together they took about half of an f32 frame.
@@ -12,11 +14,13 @@
 //! once, shifted by the dilation, and multiplies them by four weights into eight
 //! accumulators. The input rows are first copied into a zero-padded scratch buffer, kept
 //! per thread, so that the columns need no bounds checks; rows above and below the input
-//! are skipped. Weights are packed at load time, four output channels interleaved.
+//! are skipped. For stride 2 the copy splits each row into its odd and even columns, so
+//! that the columns one tap reads for consecutive output pixels are again consecutive.
+//! Weights are packed at load time, four output channels interleaved.
 //!
-//! The rewrite replaces every `Conv` with a 3x3 f32 initializer weight, stride 1,
-//! padding equal to the dilation, one group and no bias by a node of type [`OP_TYPE`]
-//! with the same output name.
+//! The rewrite replaces by a node of type [`OP_TYPE`], with the same output name, every
+//! `Conv` with a 3x3 f32 initializer weight, one group, no bias, and either stride 1 with
+//! padding equal to the dilation or stride 2 with dilation 1 and padding 1.
 
 use std::cell::RefCell;
 
@@ -53,8 +57,41 @@ const BLOCK: usize = 16;
 pub struct Conv3x3 {
     inputs: usize,
     outputs: usize,
-    dilation: usize,
+    geometry: Geometry,
     packed: Vec<f32>,
+}
+
+/// Stride and dilation of a [`Conv3x3`]; the padding equals the dilation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Geometry {
+    /// Stride 1 with this dilation: the output has the input's size.
+    Dilated(usize),
+    /// Stride 2, dilation 1: the output has half the input's size, rounded up.
+    Strided,
+}
+
+impl Geometry {
+    /// Returns the output size along an axis of `size` input pixels.
+    pub fn output_size(self, size: usize) -> usize {
+        match self {
+            Geometry::Dilated(_) => size,
+            Geometry::Strided => size.div_ceil(2),
+        }
+    }
+
+    fn stride(self) -> usize {
+        match self {
+            Geometry::Dilated(_) => 1,
+            Geometry::Strided => 2,
+        }
+    }
+
+    fn dilation(self) -> usize {
+        match self {
+            Geometry::Dilated(d) => d,
+            Geometry::Strided => 1,
+        }
+    }
 }
 
 /// Bitwise equality, which tract needs to compare operators (`Eq`, so NaN equals itself).
@@ -62,7 +99,7 @@ impl PartialEq for Conv3x3 {
     fn eq(&self, other: &Self) -> bool {
         self.inputs == other.inputs
             && self.outputs == other.outputs
-            && self.dilation == other.dilation
+            && self.geometry == other.geometry
             && self
                 .packed
                 .iter()
@@ -99,7 +136,7 @@ impl Conv3x3 {
         weight: &[f32],
         inputs: usize,
         outputs: usize,
-        dilation: usize,
+        geometry: Geometry,
     ) -> anyhow::Result<Self> {
         ensure!(
             weight.len() == outputs * inputs * 9,
@@ -107,8 +144,13 @@ impl Conv3x3 {
             weight.len()
         );
         ensure!(
-            dilation >= 1,
-            "convolution dilation is 0, expected at least 1"
+            inputs > 0 && outputs > 0,
+            "convolution has {inputs} input and {outputs} output channels, expected at least 1"
+        );
+        let dilation = geometry.dilation();
+        ensure!(
+            (1..=MAX_DILATION).contains(&dilation),
+            "convolution dilation {dilation} is outside 1 to {MAX_DILATION}"
         );
         let blocks = outputs.div_ceil(CHANNELS);
         let mut packed = vec![0.0; blocks * inputs * 9 * CHANNELS];
@@ -124,13 +166,19 @@ impl Conv3x3 {
         Ok(Conv3x3 {
             inputs,
             outputs,
-            dilation,
+            geometry,
             packed,
         })
     }
 
-    /// Computes the output, `outputs x H x W`, of `input`, `inputs x H x W`, with the
-    /// vector kernel of this CPU where there is one.
+    /// Returns the geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// Computes the output, `outputs x H' x W'` with the sizes of
+    /// [`Geometry::output_size`], of `input`, `inputs x H x W`, with the vector kernel of
+    /// this CPU where there is one.
     pub fn run(&self, input: &[f32], height: usize, width: usize, output: &mut [f32]) {
         self.run_with(input, height, width, output, vector_rows());
     }
@@ -143,11 +191,25 @@ impl Conv3x3 {
         output: &mut [f32],
         vector: Option<RowsFn>,
     ) {
-        let plane = height * width;
-        assert_eq!(input.len(), self.inputs * plane, "conv3x3 input length");
+        let (out_height, out_width) = (
+            self.geometry.output_size(height),
+            self.geometry.output_size(width),
+        );
+        let plane = out_height * out_width;
+        assert_eq!(
+            input.len(),
+            self.inputs * height * width,
+            "conv3x3 input length"
+        );
         assert_eq!(output.len(), self.outputs * plane, "conv3x3 output length");
-        let d = self.dilation;
-        let stride = width + 2 * d;
+        let d = self.geometry.dilation();
+        // Padded row layout and the offset in it of the first value each tap kx reads.
+        let (stride, columns) = match self.geometry {
+            Geometry::Dilated(_) => (width + 2 * d, [0, d, 2 * d]),
+            // [odd columns, from -1 | even columns]: tap 0 reads input column 2x - 1, tap 1
+            // column 2x and tap 2 column 2x + 1.
+            Geometry::Strided => (2 * out_width + 1, [0, out_width + 1, 1]),
+        };
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
             let len = self.inputs * height * stride;
@@ -159,9 +221,26 @@ impl Conv3x3 {
                 .chunks_exact(width)
                 .zip(scratch.chunks_exact_mut(stride))
             {
-                target[..d].fill(0.0);
-                target[d..d + width].copy_from_slice(source);
-                target[d + width..].fill(0.0);
+                match self.geometry {
+                    Geometry::Dilated(_) => {
+                        target[..d].fill(0.0);
+                        target[d..d + width].copy_from_slice(source);
+                        target[d + width..].fill(0.0);
+                    }
+                    Geometry::Strided => {
+                        let (odd, even) = target.split_at_mut(out_width + 1);
+                        odd.fill(0.0);
+                        even.fill(0.0);
+                        let pairs = source.chunks_exact(2);
+                        if let [last] = pairs.remainder() {
+                            even[width / 2] = *last;
+                        }
+                        for ((pair, even), odd) in pairs.zip(&mut *even).zip(&mut odd[1..]) {
+                            *even = pair[0];
+                            *odd = pair[1];
+                        }
+                    }
+                }
             }
             let padded = Padded {
                 data: &scratch,
@@ -173,21 +252,23 @@ impl Conv3x3 {
             // Rows are the outer loop, so that the input rows around row y stay in cache
             // while every block of a run uses them.
             super::for_each_run(output, CHANNELS * plane, |first, run| {
-                for y in 0..height {
+                for y in 0..out_height {
                     for (index, block) in run.chunks_mut(CHANNELS * plane).enumerate() {
                         let weights = &self.packed[(first + index) * weights_len..][..weights_len];
                         // Channels past the last one keep empty rows and are not stored.
                         let mut rows: [&mut [f32]; CHANNELS] = Default::default();
                         for (row, channel) in rows.iter_mut().zip(block.chunks_exact_mut(plane)) {
-                            *row = &mut channel[y * width..(y + 1) * width];
+                            *row = &mut channel[y * out_width..(y + 1) * out_width];
                         }
                         let job = Job {
                             padded: &padded,
                             weights,
                             inputs: self.inputs,
+                            stride: self.geometry.stride(),
                             dilation: d,
+                            columns,
                             y,
-                            width,
+                            width: out_width,
                         };
                         let done = match vector {
                             // SAFETY: `vector_rows` returned the kernel only if the CPU
@@ -209,16 +290,32 @@ struct Job<'a> {
     /// The block's packed weights: `weights[(i * 9 + k) * CHANNELS + j]`.
     weights: &'a [f32],
     inputs: usize,
+    /// Convolution stride and dilation.
+    stride: usize,
     dilation: usize,
+    /// Offset in a padded row of the value tap kx reads for output column 0.
+    columns: [usize; 3],
+    /// Output row and output width.
     y: usize,
     width: usize,
 }
 
 impl Job<'_> {
+    /// Checks that every tap of the columns `0..end` lies inside a padded row, which is
+    /// what the vector kernels rely on for their unchecked loads.
+    fn assert_bounds(&self, end: usize) {
+        let padded = self.padded;
+        assert_eq!(self.weights.len(), self.inputs * 9 * CHANNELS);
+        assert!(padded.data.len() >= self.inputs * padded.height * padded.stride);
+        for column in self.columns {
+            assert!(column + end <= padded.stride);
+        }
+    }
+
     /// Returns the kernel rows `ky` whose input row lies inside the image, with that row.
     fn kernel_rows(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         (0..3).filter_map(move |ky| {
-            let yy = (self.y + ky * self.dilation).checked_sub(self.dilation)?;
+            let yy = (self.y * self.stride + ky * self.dilation).checked_sub(self.dilation)?;
             (yy < self.padded.height).then_some((ky, yy))
         })
     }
@@ -266,14 +363,13 @@ pub fn kernel_name() -> &'static str {
 /// Computes the output columns from `start` on, portably.
 fn portable_rows(job: &Job, start: usize, rows: &mut [&mut [f32]; CHANNELS]) {
     let padded = job.padded;
-    let d = job.dilation;
     for x in start..job.width {
         let mut acc = [0.0f32; CHANNELS];
         for i in 0..job.inputs {
             for (ky, yy) in job.kernel_rows() {
                 let row = &padded.data[padded.row(i, yy)..][..padded.stride];
                 for kx in 0..3 {
-                    let v = row[x + kx * d];
+                    let v = row[job.columns[kx] + x];
                     let w = &job.weights[(i * 9 + ky * 3 + kx) * CHANNELS..][..CHANNELS];
                     for (acc, w) in acc.iter_mut().zip(w) {
                         *acc += w * v;
@@ -299,20 +395,16 @@ unsafe fn avx_fma_rows(job: &Job, rows: &mut [&mut [f32]; CHANNELS]) -> usize {
     use std::arch::x86_64::*;
 
     let padded = job.padded;
-    let d = job.dilation;
     let end = job.width / BLOCK * BLOCK;
-    assert!(job.weights.len() == job.inputs * 9 * CHANNELS);
-    assert!(padded.data.len() >= job.inputs * padded.height * padded.stride);
-    assert!(padded.stride >= job.width + 2 * d);
+    job.assert_bounds(end);
     for x in (0..end).step_by(BLOCK) {
         let mut acc = [_mm256_setzero_ps(); 2 * CHANNELS];
         for i in 0..job.inputs {
             for (ky, yy) in job.kernel_rows() {
-                // In bounds: the row has stride >= width + 2d values and x + 2d + 16 <=
-                // width + 2d.
+                // In bounds: checked by `assert_bounds` for the last column.
                 let row = padded.data.as_ptr().add(padded.row(i, yy) + x);
                 for kx in 0..3 {
-                    let p = row.add(kx * d);
+                    let p = row.add(job.columns[kx]);
                     let (v0, v1) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
                     let w = job.weights.as_ptr().add((i * 9 + ky * 3 + kx) * CHANNELS);
                     for j in 0..CHANNELS {
@@ -345,19 +437,16 @@ unsafe fn avx512_rows(job: &Job, rows: &mut [&mut [f32]; CHANNELS]) -> usize {
 
     const WIDE: usize = 32;
     let padded = job.padded;
-    let d = job.dilation;
     let end = job.width / WIDE * WIDE;
-    assert!(job.weights.len() == job.inputs * 9 * CHANNELS);
-    assert!(padded.data.len() >= job.inputs * padded.height * padded.stride);
-    assert!(padded.stride >= job.width + 2 * d);
+    job.assert_bounds(end);
     for x in (0..end).step_by(WIDE) {
         let mut acc = [_mm512_setzero_ps(); 2 * CHANNELS];
         for i in 0..job.inputs {
             for (ky, yy) in job.kernel_rows() {
-                // In bounds: as for the AVX kernel, with x + 32 <= width.
+                // In bounds: checked by `assert_bounds` for the last column.
                 let row = padded.data.as_ptr().add(padded.row(i, yy) + x);
                 for kx in 0..3 {
-                    let p = row.add(kx * d);
+                    let p = row.add(job.columns[kx]);
                     let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
                     let w = job.weights.as_ptr().add((i * 9 + ky * 3 + kx) * CHANNELS);
                     for j in 0..CHANNELS {
@@ -388,19 +477,16 @@ unsafe fn neon_rows(job: &Job, rows: &mut [&mut [f32]; CHANNELS]) -> usize {
     use std::arch::aarch64::*;
 
     let padded = job.padded;
-    let d = job.dilation;
     let end = job.width / BLOCK * BLOCK;
-    assert!(job.weights.len() == job.inputs * 9 * CHANNELS);
-    assert!(padded.data.len() >= job.inputs * padded.height * padded.stride);
-    assert!(padded.stride >= job.width + 2 * d);
+    job.assert_bounds(end);
     for x in (0..end).step_by(BLOCK) {
         let mut acc = [vdupq_n_f32(0.0); 4 * CHANNELS];
         for i in 0..job.inputs {
             for (ky, yy) in job.kernel_rows() {
-                // In bounds: as for the AVX kernel.
+                // In bounds: checked by `assert_bounds` for the last column.
                 let row = padded.data.as_ptr().add(padded.row(i, yy) + x);
                 for kx in 0..3 {
-                    let p = row.add(kx * d);
+                    let p = row.add(job.columns[kx]);
                     let v = [
                         vld1q_f32(p),
                         vld1q_f32(p.add(4)),
@@ -440,12 +526,13 @@ impl EvalOp for Conv3x3 {
     tract_onnx::tract_core::op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let geometry = self.geometry;
         super::eval_nchw(
             "Conv3x3",
             inputs,
             self.inputs,
             self.outputs,
-            1,
+            |size| geometry.output_size(size),
             |x, h, w, y| self.run(x, h, w, y),
         )
     }
@@ -453,16 +540,27 @@ impl EvalOp for Conv3x3 {
 
 impl TypedOp for Conv3x3 {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        super::nchw_output_facts("Conv3x3", inputs, self.inputs, self.outputs, 1)
+        let geometry = self.geometry;
+        super::nchw_output_facts(
+            "Conv3x3",
+            inputs,
+            self.inputs,
+            self.outputs,
+            |size| match geometry {
+                Geometry::Dilated(_) => size,
+                Geometry::Strided => size.div_ceil(2),
+            },
+        )
     }
 
     tract_onnx::tract_core::as_op!();
 }
 
-/// The ONNX-level operator: inputs `x` and the constant weight; attribute `dilation`.
+/// The ONNX-level operator: inputs `x` and the constant weight; attributes `stride` (1 or
+/// 2, default 1) and `dilation` (1 with stride 2).
 #[derive(Debug, Clone)]
 struct Conv3x3Expansion {
-    dilation: usize,
+    geometry: Geometry,
 }
 
 impl Expansion for Conv3x3Expansion {
@@ -484,8 +582,16 @@ impl Expansion for Conv3x3Expansion {
         s.equals(&inputs[0].shape[0], &outputs[0].shape[0])?;
         s.equals(&inputs[1].shape[0], &outputs[0].shape[1])?;
         s.equals(&inputs[0].shape[1], &inputs[1].shape[1])?;
-        s.equals(&inputs[0].shape[2], &outputs[0].shape[2])?;
-        s.equals(&inputs[0].shape[3], &outputs[0].shape[3])?;
+        for axis in [2, 3] {
+            match self.geometry {
+                Geometry::Dilated(_) => {
+                    s.equals(&inputs[0].shape[axis], &outputs[0].shape[axis])?
+                }
+                Geometry::Strided => s.given(&inputs[0].shape[axis], move |s, size| {
+                    s.equals(&outputs[0].shape[axis], size.div_ceil(2))
+                })?,
+            }
+        }
         Ok(())
     }
 
@@ -500,7 +606,7 @@ impl Expansion for Conv3x3Expansion {
             shape.len() == 4 && shape[2] == 3 && shape[3] == 3,
             "{OP_TYPE} weight of {name} has shape {shape:?}, expected [outputs, inputs, 3, 3]"
         );
-        let op = Conv3x3::from_onnx_weight(&weight, shape[1], shape[0], self.dilation)?;
+        let op = Conv3x3::from_onnx_weight(&weight, shape[1], shape[0], self.geometry)?;
         model.wire_node(name, op, &[inputs[0]])
     }
 }
@@ -510,22 +616,28 @@ pub fn parse_conv3x3(
     _ctx: &tract_onnx::model::ParsingContext,
     node: &pb::NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let dilation = node
-        .attribute
-        .iter()
-        .find(|a| a.name == "dilation")
-        .map(|a| a.i)
-        .with_context(|| format!("{OP_TYPE} node has no `dilation` attribute"))?;
-    let dilation = usize::try_from(dilation)
-        .ok()
-        .filter(|d| (1..=MAX_DILATION).contains(d))
-        .with_context(|| format!("{OP_TYPE} dilation {dilation} is outside 1 to {MAX_DILATION}"))?;
-    Ok((expand(Conv3x3Expansion { dilation }), vec![]))
+    let dilation = int(node, "dilation", 1);
+    let geometry = match int(node, "stride", 1) {
+        1 => usize::try_from(dilation)
+            .ok()
+            .filter(|d| (1..=MAX_DILATION).contains(d))
+            .map(Geometry::Dilated)
+            .with_context(|| {
+                format!("{OP_TYPE} dilation {dilation} is outside 1 to {MAX_DILATION}")
+            })?,
+        2 if dilation == 1 => Geometry::Strided,
+        stride => anyhow::bail!(
+            "{OP_TYPE} has stride {stride} and dilation {dilation}; expected stride 1, or \
+             stride 2 with dilation 1"
+        ),
+    };
+    Ok((expand(Conv3x3Expansion { geometry }), vec![]))
 }
 
-/// Returns the dilation of `node` if it is a `Conv` this operator computes: kernel 3x3,
-/// stride 1, padding equal to the dilation on every side, one group, no bias.
-fn conv3x3_dilation(node: &pb::NodeProto) -> Option<usize> {
+/// Returns the geometry of `node` if it is a `Conv` this operator computes: kernel 3x3,
+/// one group, no bias, and stride 1 with padding equal to the dilation on every side or
+/// stride 2 with dilation 1 and padding 1.
+fn conv3x3_geometry(node: &pb::NodeProto) -> Option<Geometry> {
     let auto_pad = node
         .attribute
         .iter()
@@ -535,14 +647,20 @@ fn conv3x3_dilation(node: &pb::NodeProto) -> Option<usize> {
     let fits = node.op_type == "Conv"
         && node.input.len() == 2
         && ints(node, "kernel_shape", &[3, 3]) == [3, 3]
-        && ints(node, "strides", &[1, 1]) == [1, 1]
         && dilations.len() == 2
         && dilations[0] == dilations[1]
         && (1..=MAX_DILATION as i64).contains(&dilations[0])
         && ints(node, "pads", &[0; 4]) == [dilations[0]; 4]
         && int(node, "group", 1) == 1
         && matches!(auto_pad, None | Some(b"NOTSET"));
-    fits.then_some(dilations[0] as usize)
+    if !fits {
+        return None;
+    }
+    match ints(node, "strides", &[1, 1])[..] {
+        [1, 1] => Some(Geometry::Dilated(dilations[0] as usize)),
+        [2, 2] if dilations[0] == 1 => Some(Geometry::Strided),
+        _ => None,
+    }
 }
 
 /// Replaces each `Conv` that [`Conv3x3`] computes, with a 3x3 f32 weight initializer, by
@@ -552,26 +670,30 @@ pub fn fuse_conv3x3(model: &mut pb::ModelProto) -> usize {
         return 0;
     };
     let weights = f32_initializers(graph, 4);
-    let replace: Vec<(usize, usize)> = graph
+    let replace: Vec<(usize, Geometry)> = graph
         .node
         .iter()
         .enumerate()
         .filter_map(|(index, node)| {
-            let dilation = conv3x3_dilation(node)?;
+            let geometry = conv3x3_geometry(node)?;
             let weight = weights.get(node.input[1].as_str())?;
-            (weight.dims[2] == 3 && weight.dims[3] == 3).then_some((index, dilation))
+            (weight.dims[2] == 3 && weight.dims[3] == 3).then_some((index, geometry))
         })
         .collect();
-    for &(index, dilation) in &replace {
+    for &(index, geometry) in &replace {
         let node = &mut graph.node[index];
         node.op_type = OP_TYPE.to_owned();
         node.domain.clear();
-        node.attribute = vec![pb::AttributeProto {
-            name: "dilation".into(),
-            i: dilation as i64,
+        let int_attribute = |name: &str, value: usize| pb::AttributeProto {
+            name: name.into(),
+            i: value as i64,
             r#type: pb::attribute_proto::AttributeType::Int as i32,
             ..Default::default()
-        }];
+        };
+        node.attribute = vec![
+            int_attribute("stride", geometry.stride()),
+            int_attribute("dilation", geometry.dilation()),
+        ];
     }
     replace.len()
 }
@@ -587,23 +709,25 @@ mod tests {
         weight: &[f32],
         inputs: usize,
         outputs: usize,
-        dilation: usize,
+        geometry: Geometry,
         input: &[f32],
         h: usize,
         w: usize,
     ) -> (Vec<f32>, Vec<f32>) {
-        let mut out = vec![0.0; outputs * h * w];
-        let mut magnitudes = vec![0.0; outputs * h * w];
+        let (stride, dilation) = (geometry.stride(), geometry.dilation());
+        let (out_h, out_w) = (geometry.output_size(h), geometry.output_size(w));
+        let mut out = vec![0.0; outputs * out_h * out_w];
+        let mut magnitudes = vec![0.0; outputs * out_h * out_w];
         for o in 0..outputs {
-            for y in 0..h {
-                for x in 0..w {
+            for y in 0..out_h {
+                for x in 0..out_w {
                     let mut sum = 0.0f64;
                     let mut magnitude = 0.0f64;
                     for i in 0..inputs {
                         for ky in 0..3 {
                             for kx in 0..3 {
-                                let yy = (y + ky * dilation) as isize - dilation as isize;
-                                let xx = (x + kx * dilation) as isize - dilation as isize;
+                                let yy = (y * stride + ky * dilation) as isize - dilation as isize;
+                                let xx = (x * stride + kx * dilation) as isize - dilation as isize;
                                 if yy < 0 || xx < 0 || yy >= h as isize || xx >= w as isize {
                                     continue;
                                 }
@@ -616,8 +740,8 @@ mod tests {
                             }
                         }
                     }
-                    out[(o * h + y) * w + x] = sum as f32;
-                    magnitudes[(o * h + y) * w + x] = magnitude as f32;
+                    out[(o * out_h + y) * out_w + x] = sum as f32;
+                    magnitudes[(o * out_h + y) * out_w + x] = magnitude as f32;
                 }
             }
         }
@@ -629,9 +753,16 @@ mod tests {
         fn matches_the_definition(
             inputs in 1usize..14,
             outputs in 1usize..10,
-            dilation in prop::sample::select(vec![1usize, 2, 3, 4, 8, 16]),
+            geometry in prop::sample::select(vec![
+                Geometry::Dilated(1),
+                Geometry::Dilated(2),
+                Geometry::Dilated(3),
+                Geometry::Dilated(8),
+                Geometry::Dilated(16),
+                Geometry::Strided,
+            ]),
             height in 1usize..20,
-            width in prop_oneof![1usize..53, Just(64usize), Just(97usize)],
+            width in prop_oneof![1usize..53, Just(64usize), Just(97usize), Just(128usize)],
             seed in any::<u64>(),
         ) {
             let mut state = seed | 1;
@@ -643,9 +774,9 @@ mod tests {
             };
             let weight: Vec<f32> = (0..outputs * inputs * 9).map(|_| next()).collect();
             let input: Vec<f32> = (0..inputs * height * width).map(|_| next() * 10.0).collect();
-            let op = Conv3x3::from_onnx_weight(&weight, inputs, outputs, dilation).unwrap();
+            let op = Conv3x3::from_onnx_weight(&weight, inputs, outputs, geometry).unwrap();
             let (expected, magnitudes) =
-                reference(&weight, inputs, outputs, dilation, &input, height, width);
+                reference(&weight, inputs, outputs, geometry, &input, height, width);
             for (name, kernel) in supported_kernels() {
                 let mut actual = vec![f32::NAN; expected.len()];
                 op.run_with(&input, height, width, &mut actual, kernel);
@@ -688,7 +819,7 @@ mod tests {
 
     #[test]
     fn weight_of_the_wrong_size_is_rejected() {
-        let error = Conv3x3::from_onnx_weight(&[0.0; 17], 1, 2, 1).unwrap_err();
+        let error = Conv3x3::from_onnx_weight(&[0.0; 17], 1, 2, Geometry::Dilated(1)).unwrap_err();
         assert!(error.to_string().contains("17 values"), "{error}");
     }
 
@@ -711,7 +842,7 @@ mod tests {
     }
 
     #[test]
-    fn only_same_size_stride_one_3x3_is_matched() {
+    fn only_supported_3x3_convs_are_matched() {
         let kernel = ints_attribute("kernel_shape", &[3, 3]);
         let dilated = |d: i64| {
             vec![
@@ -720,21 +851,37 @@ mod tests {
                 ints_attribute("pads", &[d; 4]),
             ]
         };
-        assert_eq!(conv3x3_dilation(&conv(dilated(1))), Some(1));
-        assert_eq!(conv3x3_dilation(&conv(dilated(8))), Some(8));
+        assert_eq!(
+            conv3x3_geometry(&conv(dilated(1))),
+            Some(Geometry::Dilated(1))
+        );
+        assert_eq!(
+            conv3x3_geometry(&conv(dilated(8))),
+            Some(Geometry::Dilated(8))
+        );
         let mut strided = dilated(1);
         strided.push(ints_attribute("strides", &[2, 2]));
-        assert_eq!(conv3x3_dilation(&conv(strided)), None);
+        assert_eq!(conv3x3_geometry(&conv(strided)), Some(Geometry::Strided));
+        let mut strided_dilated = dilated(2);
+        strided_dilated.push(ints_attribute("strides", &[2, 2]));
         assert_eq!(
-            conv3x3_dilation(&conv(vec![kernel.clone()])),
+            conv3x3_geometry(&conv(strided_dilated)),
+            None,
+            "stride 2, dilation 2"
+        );
+        let mut stride_three = dilated(1);
+        stride_three.push(ints_attribute("strides", &[3, 3]));
+        assert_eq!(conv3x3_geometry(&conv(stride_three)), None, "stride 3");
+        assert_eq!(
+            conv3x3_geometry(&conv(vec![kernel.clone()])),
             None,
             "no padding"
         );
         let mut with_bias = conv(dilated(2));
         with_bias.input.push("b".into());
-        assert_eq!(conv3x3_dilation(&with_bias), None);
+        assert_eq!(conv3x3_geometry(&with_bias), None);
         assert_eq!(
-            conv3x3_dilation(&conv(vec![ints_attribute("kernel_shape", &[1, 1])])),
+            conv3x3_geometry(&conv(vec![ints_attribute("kernel_shape", &[1, 1])])),
             None
         );
         let mut grouped = dilated(1);
@@ -743,10 +890,10 @@ mod tests {
             i: 2,
             ..Default::default()
         });
-        assert_eq!(conv3x3_dilation(&conv(grouped)), None, "groups");
+        assert_eq!(conv3x3_geometry(&conv(grouped)), None, "groups");
         let asymmetric = vec![kernel.clone(), ints_attribute("pads", &[1, 1, 0, 0])];
         assert_eq!(
-            conv3x3_dilation(&conv(asymmetric)),
+            conv3x3_geometry(&conv(asymmetric)),
             None,
             "asymmetric padding"
         );
@@ -755,16 +902,16 @@ mod tests {
             ints_attribute("dilations", &[1, 2]),
             ints_attribute("pads", &[1, 2, 1, 2]),
         ];
-        assert_eq!(conv3x3_dilation(&conv(unequal)), None, "unequal dilations");
+        assert_eq!(conv3x3_geometry(&conv(unequal)), None, "unequal dilations");
         let mut same_upper = vec![kernel.clone()];
         same_upper.push(pb::AttributeProto {
             name: "auto_pad".into(),
             s: b"SAME_UPPER".to_vec(),
             ..Default::default()
         });
-        assert_eq!(conv3x3_dilation(&conv(same_upper)), None, "auto_pad");
+        assert_eq!(conv3x3_geometry(&conv(same_upper)), None, "auto_pad");
         assert_eq!(
-            conv3x3_dilation(&conv(dilated(2000))),
+            conv3x3_geometry(&conv(dilated(2000))),
             None,
             "dilation too large"
         );

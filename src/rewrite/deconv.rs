@@ -394,7 +394,7 @@ impl EvalOp for Deconv2x2 {
             inputs,
             self.inputs,
             self.outputs,
-            2,
+            |size| 2 * size,
             |x, h, w, y| self.run(x, h, w, y),
         )
     }
@@ -402,7 +402,9 @@ impl EvalOp for Deconv2x2 {
 
 impl TypedOp for Deconv2x2 {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        super::nchw_output_facts("Deconv2x2", inputs, self.inputs, self.outputs, 2)
+        super::nchw_output_facts("Deconv2x2", inputs, self.inputs, self.outputs, |size| {
+            2 * size
+        })
     }
 
     tract_onnx::tract_core::as_op!();

@@ -183,14 +183,14 @@ pub(crate) fn constant_f32(
 }
 
 /// Runs `compute` on the f32 NCHW input of an operator (batch 1, `channels` channels) and
-/// an uninitialised output of shape `[1, outputs, height * scale, width * scale]`, which
+/// an uninitialised output of shape `[1, outputs, size(height), size(width)]`, which
 /// `compute` must fill completely. Returns that output.
 pub(crate) fn eval_nchw(
     op_name: &str,
     inputs: TVec<TValue>,
     channels: usize,
     outputs: usize,
-    scale: usize,
+    size: impl Fn(usize) -> usize,
     compute: impl FnOnce(&[f32], usize, usize, &mut [f32]),
 ) -> TractResult<TVec<TValue>> {
     let input = inputs
@@ -205,7 +205,7 @@ pub(crate) fn eval_nchw(
     let (height, width) = (shape[2], shape[3]);
     // SAFETY: `compute` writes every value of the output before it is read.
     let mut output =
-        unsafe { Tensor::uninitialized::<f32>(&[1, outputs, scale * height, scale * width])? };
+        unsafe { Tensor::uninitialized::<f32>(&[1, outputs, size(height), size(width)])? };
     {
         let source = input.try_as_plain_ram()?;
         let mut target = output.try_as_plain_ram_mut()?;
@@ -220,24 +220,22 @@ pub(crate) fn eval_nchw(
 }
 
 /// Returns the output facts of an operator that maps `[1, channels, H, W]` to
-/// `[1, outputs, H * scale, W * scale]`, after checking the input against that.
+/// `[1, outputs, size(H), size(W)]`, after checking the input against that. The spatial
+/// sizes must be known numbers, as they are once the backbone's input size is set.
 pub(crate) fn nchw_output_facts(
     op_name: &str,
     inputs: &[&TypedFact],
     channels: usize,
     outputs: usize,
-    scale: usize,
+    size: impl Fn(usize) -> usize,
 ) -> TractResult<TVec<TypedFact>> {
     let shape = &inputs[0].shape;
     anyhow::ensure!(
         shape.rank() == 4 && shape[0] == 1.into() && shape[1] == channels.into(),
         "{op_name} input has shape {shape:?}, expected [1, {channels}, H, W]"
     );
-    let dims: TVec<TDim> = tvec![
-        shape[0].clone(),
-        outputs.into(),
-        shape[2].clone() * scale as i64,
-        shape[3].clone() * scale as i64,
-    ];
+    use tract_onnx::tract_core::internal::DimLike;
+    let (height, width) = (shape[2].to_usize()?, shape[3].to_usize()?);
+    let dims = [1, outputs, size(height), size(width)];
     Ok(tvec!(inputs[0].datum_type.fact(dims)))
 }

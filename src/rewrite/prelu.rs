@@ -48,13 +48,20 @@ impl Eq for AffinePRelu {}
 impl AffinePRelu {
     fn apply(&self, data: &mut [f32], channels: usize) {
         let plane = data.len() / channels;
-        for (c, values) in data.chunks_exact_mut(plane).enumerate() {
-            let (scale, bias, slope) = (self.scale[c], self.bias[c], self.slope[c]);
-            for v in values.iter_mut() {
-                let y = scale * *v + bias;
-                *v = if y > 0.0 { y } else { slope * y };
-            }
+        if plane == 0 {
+            return;
         }
+        // Channels are independent, so runs of them go to tract's threads.
+        super::for_each_run(data, plane, |first, run| {
+            for (index, values) in run.chunks_exact_mut(plane).enumerate() {
+                let c = first + index;
+                let (scale, bias, slope) = (self.scale[c], self.bias[c], self.slope[c]);
+                for v in values.iter_mut() {
+                    let y = scale * *v + bias;
+                    *v = if y > 0.0 { y } else { slope * y };
+                }
+            }
+        });
     }
 }
 
