@@ -104,6 +104,8 @@ fn peak_rss_kib() -> Option<u64> {
 }
 
 fn main() -> Result<()> {
+    // As the daain binary does, so that the whole detector is measured as it runs there.
+    daain::heap::tune_allocator();
     let args = parse_args()?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let bundle = Bundle::open(&root.join("models/default"))?;

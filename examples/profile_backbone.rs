@@ -2,11 +2,12 @@
 //! clip: the share of each operator in the summed node times, over several runs.
 //!
 //! ```sh
-//! cargo run --release --example profile_backbone -- [f32|int8] [RUNS] [MODEL.onnx]
+//! cargo run --release --example profile_backbone -- [f32|int8|plan] [RUNS] [MODEL.onnx]
 //! ```
 //!
-//! MODEL replaces the default bundle's backbone of that precision, for comparing exports
-//! of the same network; it must have the bundle's input, logits and tap names.
+//! `plan` profiles the bundle's combined plan (`plan.onnx`: backbone, gather and flow).
+//! MODEL replaces the default bundle's model of that kind, for comparing exports of the
+//! same network; it must have the bundle's input, logits and tap names.
 //!
 //! `DAAIN_PRELU_FUSION=off` profiles tract's own lowering of PRelu instead of the fused
 //! operator, and `DAAIN_DECONV_FUSION=off` tract's own transposed convolution instead of
@@ -20,15 +21,19 @@ use anyhow::{bail, Context, Result};
 
 use daain::backbone::{Backbone, BackbonePrecision, BackboneSpec};
 use daain::bundle::Bundle;
+use daain::plan::{CombinedPlan, PlanSpec};
 use daain::preprocess::Preprocessor;
 use daain::source::{open_source, Frame, SourceOptions, SourceSpec};
 
 fn main() -> Result<()> {
+    // As the daain binary does; without it the time per run depends on glibc's state.
+    daain::heap::tune_allocator();
     let mut args = std::env::args().skip(1);
-    let precision = match args.next().as_deref() {
-        None | Some("f32") => BackbonePrecision::F32,
-        Some("int8") => BackbonePrecision::Int8,
-        Some(other) => bail!("invalid precision {other:?}: pass f32 or int8"),
+    let kind = args.next().unwrap_or_else(|| "f32".to_owned());
+    let precision = match kind.as_str() {
+        "f32" | "plan" => BackbonePrecision::F32,
+        "int8" => BackbonePrecision::Int8,
+        other => bail!("invalid model kind {other:?}: pass f32, int8 or plan"),
     };
     let runs: usize = match args.next() {
         None => 20,
@@ -42,23 +47,42 @@ fn main() -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let bundle = Bundle::open(&root.join("models/default"))?;
     let manifest = bundle.manifest();
-    let path = match model {
-        Some(path) => path,
-        None => bundle.backbone_path_for(precision)?,
+    let mut target = if kind == "plan" {
+        let path = match model {
+            Some(path) => path,
+            None => bundle
+                .plan_path()
+                .context("the default bundle has no plan.onnx")?,
+        };
+        Target::Plan(CombinedPlan::load(&PlanSpec {
+            path,
+            input_height: manifest.input.height,
+            input_width: manifest.input.width,
+            logits: manifest.backbone.logits.clone(),
+            dim: manifest.flow.dim,
+            threads: 1,
+            mask_sha256: manifest.mask.file.sha256.clone(),
+            flow_sha256: manifest.flow.file.sha256.clone(),
+        })?)
+    } else {
+        let path = match model {
+            Some(path) => path,
+            None => bundle.backbone_path_for(precision)?,
+        };
+        Target::Backbone(Backbone::load(&BackboneSpec {
+            path,
+            input_height: manifest.input.height,
+            input_width: manifest.input.width,
+            logits: manifest.backbone.logits.clone(),
+            taps: manifest
+                .backbone
+                .taps
+                .iter()
+                .map(|t| t.name.clone())
+                .collect(),
+            threads: 1,
+        })?)
     };
-    let mut backbone = Backbone::load(&BackboneSpec {
-        path,
-        input_height: manifest.input.height,
-        input_width: manifest.input.width,
-        logits: manifest.backbone.logits.clone(),
-        taps: manifest
-            .backbone
-            .taps
-            .iter()
-            .map(|t| t.name.clone())
-            .collect(),
-        threads: 1,
-    })?;
 
     let spec = SourceSpec::Video(root.join("data/footage/solidWhiteRight.mp4"));
     let mut source = open_source(&spec, &SourceOptions::default())?;
@@ -70,14 +94,14 @@ fn main() -> Result<()> {
         &frame.data,
         frame.width,
         frame.height,
-        backbone.input_mut(),
+        target.input_mut(),
     )?;
 
     // The first run allocates tract's buffers, so it is left out.
-    backbone.profile_operators()?;
+    target.profile_operators()?;
     let mut totals = BTreeMap::<String, Duration>::new();
     for _ in 0..runs {
-        for (operator, time) in backbone.profile_operators()? {
+        for (operator, time) in target.profile_operators()? {
             *totals.entry(operator).or_default() += time;
         }
     }
@@ -85,7 +109,7 @@ fn main() -> Result<()> {
     let mut rows: Vec<_> = totals.into_iter().collect();
     rows.sort_by(|a, b| b.1.cmp(&a.1));
     println!(
-        "{precision} backbone, {runs} runs, {:.1} ms per run summed over nodes",
+        "{kind} model, {runs} runs, {:.1} ms per run summed over nodes",
         sum.as_secs_f64() * 1e3 / runs as f64
     );
     for (operator, time) in rows {
@@ -96,4 +120,26 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The model profiled: a backbone alone or the combined plan.
+enum Target {
+    Backbone(Backbone),
+    Plan(CombinedPlan),
+}
+
+impl Target {
+    fn input_mut(&mut self) -> &mut [f32] {
+        match self {
+            Target::Backbone(backbone) => backbone.input_mut(),
+            Target::Plan(plan) => plan.input_mut(),
+        }
+    }
+
+    fn profile_operators(&mut self) -> Result<BTreeMap<String, Duration>> {
+        Ok(match self {
+            Target::Backbone(backbone) => backbone.profile_operators()?,
+            Target::Plan(plan) => plan.profile_operators()?,
+        })
+    }
 }

@@ -20,6 +20,7 @@ pub mod exec_scope;
 pub mod flow;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod heap;
 pub mod hil;
 pub mod pipeline;
 pub mod plan;

@@ -112,6 +112,9 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Stderr)
         .init();
+    if daain::heap::tune_allocator() {
+        log::debug!("glibc malloc: large blocks stay in the heap between frames");
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),

@@ -17,5 +17,7 @@ pub fn first_frame() -> Frame {
 
 /// Opens the default bundle in `models/default`.
 pub fn open_bundle() -> Bundle {
+    // As the daain binary does; without it the time per run depends on glibc's state.
+    daain::heap::tune_allocator();
     Bundle::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default")).unwrap()
 }

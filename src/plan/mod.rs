@@ -254,6 +254,14 @@ impl CombinedPlan {
         self.runner.input_mut()
     }
 
+    /// Runs the plan on the current input, timing every node, and returns the time per
+    /// operator name.
+    pub fn profile_operators(
+        &mut self,
+    ) -> Result<std::collections::BTreeMap<String, std::time::Duration>, anyhow::Error> {
+        self.runner.profile_operators()
+    }
+
     /// Runs backbone, gather and flow on the values written through
     /// [`CombinedPlan::input_mut`].
     ///

@@ -245,7 +245,11 @@ impl Expansion for CouplingExpansion {
         let flow = Flow::new(dim, hidden, self.clamp, vec![block])
             .with_context(|| format!("{prefix}: invalid coupling block"))?
             .into_owned();
-        let input_dim = model.outlet_fact(inputs[0])?.shape.as_concrete().map(|s| s[0]);
+        let input_dim = model
+            .outlet_fact(inputs[0])?
+            .shape
+            .as_concrete()
+            .map(|s| s[0]);
         ensure!(
             input_dim == Some(dim),
             "{prefix}: input has shape {:?}, the block's dimension is {dim}",
@@ -383,7 +387,9 @@ impl OpState for GatherState {
         inputs: TVec<TValue>,
     ) -> TractResult<TVec<TValue>> {
         let _scope = ScopeGuard::daain();
-        let op = op.downcast_ref::<GatherOp>().context("op and state mismatch")?;
+        let op = op
+            .downcast_ref::<GatherOp>()
+            .context("op and state mismatch")?;
         let output = writable(&mut self.output, &[op.plan.len()])?;
         op.gather_into(&inputs, output)?;
         Ok(tvec!(TValue::from_const(self.output.clone())))
