@@ -2,12 +2,11 @@
 //! that uses it.
 //!
 //! Every ESP block of ESPNet runs five 3x3 convolutions with dilations 1, 2, 4, 8 and 16
-//! over few channels (12 to 28) and 32x64 to 128x256 pixels: 65 of them per frame, plus
-//! the 3x3 convolution before the classifier and three stride-2 ones that halve the
-//! resolution. tract 0.23 runs some as
-//! `DirectSpatialConv`, a generic loop, and the others through im2col and its matmul
-//! kernels, where the packing of nine shifted copies of a thin input costs as much as the
-//! multiplication. Together they took about half of an f32 frame.
+//! over few channels (12 to 28) and 32x64 to 128x256 pixels, 65 of them per frame. One
+//! more 3x3 convolution feeds the classifier, and three of stride 2 halve the resolution.
+//! tract 0.23 runs some as `DirectSpatialConv`, a generic loop, and the others through
+//! im2col and its matmul kernels, where the packing of nine shifted copies of a thin input
+//! costs as much as the multiplication. Together they took about half of an f32 frame.
 //!
 //! [`Conv3x3`] computes each output row as vectors of 16 pixels (32 with AVX-512) for
 //! four output channels at once. For every input channel and kernel tap it loads the 16 input pixels
@@ -34,7 +33,7 @@ use tract_onnx::tract_hir::internal::{
     TensorProxy,
 };
 
-use super::{f32_initializers, int, ints};
+use super::{f32_initializers, int, ints, Simd};
 
 /// ONNX operator type of the rewritten node. Only this runtime's tract parser registers it.
 pub const OP_TYPE: &str = "DaainConv3x3";
@@ -321,43 +320,27 @@ impl Job<'_> {
     }
 }
 
-/// A vector kernel: computes the output columns from 0 to a multiple of its block width
-/// (16 or 32) of the rows, one per output channel of the block (fewer for the last
-/// block), and returns the number of columns done.
+/// A vector kernel. It fills the rows, one per output channel of the block (fewer for
+/// the last block), from column 0 to a multiple of its block width (16 or 32), and
+/// returns the number of columns done.
 type RowsFn = unsafe fn(&Job, &mut [&mut [f32]; CHANNELS]) -> usize;
 
-/// Returns the vector kernel this CPU supports, if any.
-fn vector_rows() -> Option<RowsFn> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        return Some(avx512_rows);
+/// Returns the vector kernel for `simd`, or `None` for the portable code.
+fn kernel_for(simd: Simd) -> Option<RowsFn> {
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => Some(avx512_rows),
+        #[cfg(target_arch = "x86_64")]
+        Simd::AvxFma => Some(avx_fma_rows),
+        #[cfg(target_arch = "aarch64")]
+        Simd::Neon => Some(neon_rows),
+        _ => None,
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("fma") {
-        return Some(avx_fma_rows);
-    }
-    #[cfg(target_arch = "aarch64")]
-    if std::arch::is_aarch64_feature_detected!("neon") {
-        return Some(neon_rows);
-    }
-    None
 }
 
-/// Name of the kernel [`Conv3x3::run`] uses on this CPU, for logs and tests.
-pub fn kernel_name() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        return "avx512f";
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("fma") {
-        return "avx+fma";
-    }
-    #[cfg(target_arch = "aarch64")]
-    if std::arch::is_aarch64_feature_detected!("neon") {
-        return "neon";
-    }
-    "portable"
+/// Returns the vector kernel of the best instruction set this CPU supports, if any.
+fn vector_rows() -> Option<RowsFn> {
+    kernel_for(Simd::best())
 }
 
 /// Computes the output columns from `start` on, portably.
@@ -793,22 +776,10 @@ mod tests {
     /// Returns every kernel this CPU can run, the portable one included, and prints their
     /// names, so that a log shows which vector kernels a run left out.
     fn supported_kernels() -> Vec<(&'static str, Option<RowsFn>)> {
-        let mut kernels: Vec<(&'static str, Option<RowsFn>)> = vec![("portable", None)];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                kernels.push(("avx512f", Some(avx512_rows)));
-            }
-            if std::arch::is_x86_feature_detected!("avx")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                kernels.push(("avx+fma", Some(avx_fma_rows)));
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        if std::arch::is_aarch64_feature_detected!("neon") {
-            kernels.push(("neon", Some(neon_rows)));
-        }
+        let kernels: Vec<_> = Simd::supported()
+            .into_iter()
+            .map(|simd| (simd.name(), kernel_for(simd)))
+            .collect();
         static PRINTED: std::sync::Once = std::sync::Once::new();
         PRINTED.call_once(|| {
             let names: Vec<_> = kernels.iter().map(|(name, _)| *name).collect();

@@ -29,7 +29,7 @@ use tract_onnx::tract_hir::internal::{
     TensorProxy,
 };
 
-use super::{f32_initializers, int, ints};
+use super::{f32_initializers, int, ints, Simd};
 
 /// ONNX operator type of the rewritten node. Only this runtime's tract parser registers it.
 pub const OP_TYPE: &str = "DaainDeconv2x2";
@@ -154,38 +154,22 @@ struct Row<'a> {
 /// the taps (ky, kx) = (0, 0), (0, 1), (1, 0), (1, 1), one value per input channel.
 type RowsFn = unsafe fn(&[&[f32]; 4], &Row, &mut [f32], &mut [f32]) -> usize;
 
-/// Returns the vector kernel this CPU supports, if any.
-fn vector_rows() -> Option<RowsFn> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        return Some(avx512_rows);
+/// Returns the vector kernel for `simd`, or `None` for the portable code.
+fn kernel_for(simd: Simd) -> Option<RowsFn> {
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => Some(avx512_rows),
+        #[cfg(target_arch = "x86_64")]
+        Simd::AvxFma => Some(avx_fma_rows),
+        #[cfg(target_arch = "aarch64")]
+        Simd::Neon => Some(neon_rows),
+        _ => None,
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("fma") {
-        return Some(avx_fma_rows);
-    }
-    #[cfg(target_arch = "aarch64")]
-    if std::arch::is_aarch64_feature_detected!("neon") {
-        return Some(neon_rows);
-    }
-    None
 }
 
-/// Name of the kernel [`Deconv2x2::run`] uses on this CPU, for logs and tests.
-pub fn kernel_name() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        return "avx512f";
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("fma") {
-        return "avx+fma";
-    }
-    #[cfg(target_arch = "aarch64")]
-    if std::arch::is_aarch64_feature_detected!("neon") {
-        return "neon";
-    }
-    "portable"
+/// Returns the vector kernel of the best instruction set this CPU supports, if any.
+fn vector_rows() -> Option<RowsFn> {
+    kernel_for(Simd::best())
 }
 
 /// Computes the output columns of the input columns from `start` on, portably: four sums
@@ -559,22 +543,10 @@ mod tests {
     /// Returns every kernel this CPU can run, the portable one included, and prints their
     /// names, so that a log shows which vector kernels a run left out.
     fn supported_kernels() -> Vec<(&'static str, Option<RowsFn>)> {
-        let mut kernels: Vec<(&'static str, Option<RowsFn>)> = vec![("portable", None)];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                kernels.push(("avx512f", Some(avx512_rows)));
-            }
-            if std::arch::is_x86_feature_detected!("avx")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                kernels.push(("avx+fma", Some(avx_fma_rows)));
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        if std::arch::is_aarch64_feature_detected!("neon") {
-            kernels.push(("neon", Some(neon_rows)));
-        }
+        let kernels: Vec<_> = Simd::supported()
+            .into_iter()
+            .map(|simd| (simd.name(), kernel_for(simd)))
+            .collect();
         static PRINTED: std::sync::Once = std::sync::Once::new();
         PRINTED.call_once(|| {
             let names: Vec<_> = kernels.iter().map(|(name, _)| *name).collect();

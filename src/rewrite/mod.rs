@@ -1,13 +1,13 @@
 //! Graph rewrites that replace patterns tract 0.23 runs in several passes over memory by
-//! one operator of this crate each, applied to the ONNX model in memory when a backbone
-//! or combined plan loads. The files on disk stay standard ONNX, and each rewritten node
+//! one operator of this crate each. They apply to the ONNX model in memory when a
+//! backbone or combined plan loads. The files on disk stay standard ONNX, and each rewritten node
 //! keeps its output name, so taps and graph outputs are unchanged.
 //!
 //! | rewrite | replaces | share of an f32 frame before |
 //! |---|---|---|
 //! | [`prelu`] | BatchNorm + PRelu (Mul, Greater, Iff, Mul, Add) | about a third |
 //! | [`deconv`] | 2x2 stride-2 `ConvTranspose` (matmul + `DeconvSum`) | about a tenth |
-//! | [`conv3x3`] | 3x3 stride-1 `Conv` (`DirectSpatialConv`, im2col + matmul) | about half |
+//! | [`conv3x3`] | 3x3 `Conv` of stride 1 or 2 (`DirectSpatialConv`, im2col + matmul) | about half |
 
 use std::collections::HashMap;
 
@@ -26,7 +26,7 @@ pub struct Rewrites {
     pub prelu: bool,
     /// Each 2x2 stride-2 transposed convolution as one pass ([`deconv`]).
     pub deconv: bool,
-    /// Each 3x3 stride-1 convolution, dilated or not, as one pass ([`conv3x3`]).
+    /// Each 3x3 convolution of stride 1 (dilated or not) or 2 as one pass ([`conv3x3`]).
     pub conv3x3: bool,
 }
 
@@ -44,7 +44,7 @@ impl Rewrites {
         conv3x3: false,
     };
 
-    /// Every rewrite except those turned off with `DAAIN_PRELU_FUSION=off`,
+    /// Returns every rewrite except those turned off with `DAAIN_PRELU_FUSION=off`,
     /// `DAAIN_DECONV_FUSION=off` or `DAAIN_CONV3X3_FUSION=off`, for benchmarks and
     /// profiles of tract's own lowering.
     pub fn from_env() -> Rewrites {
@@ -66,14 +66,14 @@ impl Rewrites {
             let deconvs = deconv::fuse_deconv2x2(model);
             log::debug!(
                 "rewrote {deconvs} 2x2 stride-2 transposed convolutions ({} kernel)",
-                deconv::kernel_name()
+                Simd::best().name()
             );
         }
         if self.conv3x3 {
             let convs = conv3x3::fuse_conv3x3(model);
             log::debug!(
-                "rewrote {convs} 3x3 stride-1 convolutions ({} kernel)",
-                conv3x3::kernel_name()
+                "rewrote {convs} 3x3 convolutions ({} kernel)",
+                Simd::best().name()
             );
         }
     }
@@ -91,8 +91,60 @@ pub fn onnx_parser() -> tract_onnx::Onnx {
     onnx
 }
 
+/// Instruction sets the rewritten operators have vector kernels for, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Simd {
+    /// x86_64 with AVX-512F.
+    Avx512,
+    /// x86_64 with AVX and FMA.
+    AvxFma,
+    /// aarch64 with NEON.
+    Neon,
+    /// No vector kernel: portable code.
+    Portable,
+}
+
+impl Simd {
+    /// Returns every instruction set this CPU supports, best first, `Portable` last.
+    pub fn supported() -> Vec<Simd> {
+        let mut supported = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                supported.push(Simd::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                supported.push(Simd::AvxFma);
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            supported.push(Simd::Neon);
+        }
+        supported.push(Simd::Portable);
+        supported
+    }
+
+    /// Returns the best instruction set this CPU supports.
+    pub fn best() -> Simd {
+        Simd::supported()[0]
+    }
+
+    /// Returns the name used in logs and tests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Simd::Avx512 => "avx512f",
+            Simd::AvxFma => "avx+fma",
+            Simd::Neon => "neon",
+            Simd::Portable => "portable",
+        }
+    }
+}
+
 /// Splits `data`, a sequence of units of `unit_len` values each, into one run of whole
-/// units per thread of tract's pool (one run when the plan has one thread) and calls `f`
+/// units per thread of tract's pool, or one run when the plan has one thread. Calls `f`
 /// with the index of each run's first unit and the run. Runs go to the pool's threads in
 /// parallel, so each must be independent of the others.
 pub(crate) fn for_each_run(
