@@ -65,23 +65,11 @@ fn main() -> Result<()> {
             flow_sha256: manifest.flow.file.sha256.clone(),
         })?)
     } else {
-        let path = match model {
-            Some(path) => path,
-            None => bundle.backbone_path_for(precision)?,
-        };
-        Target::Backbone(Backbone::load(&BackboneSpec {
-            path,
-            input_height: manifest.input.height,
-            input_width: manifest.input.width,
-            logits: manifest.backbone.logits.clone(),
-            taps: manifest
-                .backbone
-                .taps
-                .iter()
-                .map(|t| t.name.clone())
-                .collect(),
-            threads: 1,
-        })?)
+        let mut spec = BackboneSpec::from_bundle(&bundle, precision, 1)?;
+        if let Some(path) = model {
+            spec.path = path;
+        }
+        Target::Backbone(Backbone::load(&spec)?)
     };
 
     let spec = SourceSpec::Video(root.join("data/footage/solidWhiteRight.mp4"));

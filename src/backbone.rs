@@ -99,6 +99,31 @@ pub struct BackboneSpec {
     pub threads: usize,
 }
 
+impl BackboneSpec {
+    /// Returns the spec of `bundle`'s backbone of `precision`, with its input size, logits
+    /// and taps from the manifest, run on `threads` threads.
+    pub fn from_bundle(
+        bundle: &crate::bundle::Bundle,
+        precision: BackbonePrecision,
+        threads: usize,
+    ) -> Result<Self, crate::bundle::BundleError> {
+        let manifest = bundle.manifest();
+        Ok(BackboneSpec {
+            path: bundle.backbone_path_for(precision)?,
+            input_height: manifest.input.height,
+            input_width: manifest.input.width,
+            logits: manifest.backbone.logits.clone(),
+            taps: manifest
+                .backbone
+                .taps
+                .iter()
+                .map(|t| t.name.clone())
+                .collect(),
+            threads,
+        })
+    }
+}
+
 /// A loaded, optimised backbone plan.
 pub struct Backbone {
     runner: PlanRunner,

@@ -32,20 +32,7 @@ fn load(
     threads: usize,
     rewrites: Rewrites,
 ) -> Backbone {
-    let manifest = bundle.manifest();
-    let spec = BackboneSpec {
-        path: bundle.backbone_path_for(precision).unwrap(),
-        input_height: manifest.input.height,
-        input_width: manifest.input.width,
-        logits: manifest.backbone.logits.clone(),
-        taps: manifest
-            .backbone
-            .taps
-            .iter()
-            .map(|t| t.name.clone())
-            .collect(),
-        threads,
-    };
+    let spec = BackboneSpec::from_bundle(bundle, precision, threads).unwrap();
     Backbone::load_with(&spec, rewrites).unwrap()
 }
 

@@ -321,7 +321,10 @@ impl<'b> Detector<'b> {
 
     /// Loads the backbone of the requested precision, placed as requested, and builds
     /// every stage from the bundle.
-    pub fn with_options(bundle: &'b Bundle, options: &DetectorOptions) -> Result<Self, DetectError> {
+    pub fn with_options(
+        bundle: &'b Bundle,
+        options: &DetectorOptions,
+    ) -> Result<Self, DetectError> {
         let threshold = options.threshold;
         let mode = options.execution;
         let manifest = bundle.manifest();
@@ -387,19 +390,7 @@ impl<'b> Detector<'b> {
     ) -> Result<Stages<'b>, DetectError> {
         let manifest = bundle.manifest();
         let convention = &manifest.input;
-        let spec = BackboneSpec {
-            path: bundle.backbone_path_for(options.precision)?,
-            input_height: convention.height,
-            input_width: convention.width,
-            logits: manifest.backbone.logits.clone(),
-            taps: manifest
-                .backbone
-                .taps
-                .iter()
-                .map(|t| t.name.clone())
-                .collect(),
-            threads: options.threads,
-        };
+        let spec = BackboneSpec::from_bundle(bundle, options.precision, options.threads)?;
         log::info!("backbone precision: {}", options.precision);
         let backbone = Backbone::load(&spec)?;
         backbone.check_taps(&manifest.backbone.taps)?;
