@@ -7,7 +7,7 @@
 //!
 //! `plan` profiles the bundle's combined plan (`plan.onnx`: backbone, gather and flow).
 //! MODEL replaces the default bundle's model of that kind, for comparing exports of the
-//! same network; it must have the bundle's input, logits and tap names.
+//! same network. It must have the bundle's input, logits and tap names.
 //!
 //! `DAAIN_PRELU_FUSION=off` profiles tract's own lowering of PRelu instead of the fused
 //! operator, and `DAAIN_DECONV_FUSION=off` tract's own transposed convolution instead of

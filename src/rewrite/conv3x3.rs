@@ -12,7 +12,7 @@
 //! four output channels at once. For every input channel and kernel tap it loads the 16 input pixels
 //! once, shifted by the dilation, and multiplies them by four weights into eight
 //! accumulators. The input rows are first copied into a zero-padded scratch buffer, kept
-//! per thread, so that the columns need no bounds checks; rows above and below the input
+//! per thread, so that the columns need no bounds checks. Rows above and below the input
 //! are skipped. For stride 2 the copy splits each row into its odd and even columns, so
 //! that the columns one tap reads for consecutive output pixels are again consecutive.
 //! Weights are packed at load time, four output channels interleaved.
