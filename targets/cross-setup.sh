@@ -15,8 +15,8 @@
 # everything but the arm64 FFmpeg packages was.
 set -euo pipefail
 
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+# shellcheck source=tools/apt.sh
+source "$(dirname "$0")/../tools/apt.sh"
 apt_updated=false
 
 # Installs the Debian packages in "$@" that are not installed yet.
@@ -24,14 +24,14 @@ install_packages() {
     local missing=()
     local package
     for package in "$@"; do
-        dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+        package_installed "$package" || missing+=("$package")
     done
     ((${#missing[@]})) || return 0
     if ! $apt_updated; then
-        $SUDO apt-get update -qq
+        apt_update
         apt_updated=true
     fi
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    apt_install "${missing[@]}"
 }
 
 # Adds a foreign architecture to dpkg, so that its library packages can be installed next

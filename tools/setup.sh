@@ -3,6 +3,8 @@
 # development packages, and libtorch from the slim PyTorch 2.13.0 wheel (the version
 # tch 0.26 links against). Safe to run again: finished steps are skipped.
 set -euo pipefail
+# shellcheck source=tools/apt.sh
+source "$(dirname "$0")/apt.sh"
 
 LIBTORCH_PARENT="${DAAIN_TORCH_DIR:-$HOME/.cache/daain-torch}"
 PACKAGES=(pkg-config clang libclang-dev ffmpeg
@@ -11,20 +13,16 @@ PACKAGES=(pkg-config clang libclang-dev ffmpeg
 
 missing=()
 for package in "${PACKAGES[@]}"; do
-    dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+    package_installed "$package" || missing+=("$package")
 done
 if ((${#missing[@]})); then
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    apt_update
+    apt_install "${missing[@]}"
 fi
 
 if ! python3 -m pip --version >/dev/null 2>&1; then
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-pip
+    apt_update
+    apt_install python3-pip
 fi
 
 if [ ! -f "$LIBTORCH_PARENT/torch/lib/libtorch_cpu.so" ]; then
