@@ -19,8 +19,8 @@ package_installed() {
 
 # Refreshes the package indexes. A mirror that is syncing serves index files whose size
 # does not match its Release file, and apt-get update then exits with 100 although most
-# indexes arrived. Tries three times, 30 s apart; after that it carries on with the
-# indexes it has, and a package that truly cannot be found fails in apt_install.
+# indexes arrived. Tries three times, 30 s apart, then carries on with the indexes it
+# has. A package that truly cannot be found then fails in apt_install.
 apt_update() {
     local attempt
     for attempt in 1 2 3; do
