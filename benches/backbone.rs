@@ -2,9 +2,9 @@
 //! f32 and int8 backbones, on 1 and 2 threads, and f32 without each of the loader's
 //! rewrites (`daain::backbone::Rewrites`): without the BatchNorm+PRelu fusion (tract's
 //! own lowering of PRelu to Mul, Greater and Iff), without the one-pass 2x2 transposed
-//! convolution (tract's matmul and `DeconvSum`), and without both. Criterion times each
-//! variant, and then an
-//! interleaved loop (one run of each variant per round, so that load from other processes
+//! convolution (tract's matmul and `DeconvSum`), without the 3x3 convolution, and without
+//! any, and int8 without the int8 3x3 convolution (tract's `ConvInteger`). Criterion times
+//! each variant, and then an interleaved loop (one run of each variant per round, so that load from other processes
 //! hits all of them alike) prints each variant's median as a ratio to f32 on 1 thread.
 //!
 //! Run with `cargo bench --bench backbone`. `DAAIN_BENCH_ROUNDS` sets the rounds of the
@@ -78,6 +78,14 @@ fn backbones(c: &mut Criterion) {
         let backbone = load(&bundle, BackbonePrecision::F32, 1, rewrites);
         variants.push((name.to_string(), backbone));
     }
+    // The int8 model's 3x3 convolutions as tract lowers `ConvInteger` and the operators
+    // around it.
+    let tract_int8 = Rewrites {
+        qconv3x3: false,
+        ..Rewrites::ALL
+    };
+    let backbone = load(&bundle, BackbonePrecision::Int8, 1, tract_int8);
+    variants.push(("int8_no_qconv3x3_rewrite".to_string(), backbone));
 
     let mut group = c.benchmark_group("backbone");
     group.sample_size(10);

@@ -97,15 +97,26 @@ fn compare(precision: BackbonePrecision, threads: usize) {
         rewritten.kernels()
     );
     // ESPNet's 3x3 convolutions: five per ESP pyramid (13 of them), the one before the
-    // classifier and three of stride 2. The int8 model keeps only the decoder's pyramid
-    // in f32.
+    // classifier and three of stride 2. The int8 model quantises those of stride 1.
     let conv3x3 = match precision {
         BackbonePrecision::F32 => 69,
-        BackbonePrecision::Int8 => 5,
+        BackbonePrecision::Int8 => 3,
     };
     assert_eq!(
         operators(&rewritten, "Conv3x3"),
         conv3x3,
+        "{:?}",
+        rewritten.kernels()
+    );
+    // The int8 model runs each of them as `QuantizeLinear -> ConvInteger -> Cast -> Mul
+    // -> Add`, rewritten to one operator.
+    let qconv3x3 = match precision {
+        BackbonePrecision::F32 => 0,
+        BackbonePrecision::Int8 => 66,
+    };
+    assert_eq!(
+        operators(&rewritten, "QConv3x3"),
+        qconv3x3,
         "{:?}",
         rewritten.kernels()
     );
@@ -118,6 +129,7 @@ fn compare(precision: BackbonePrecision, threads: usize) {
     assert_eq!(operators(&plain, "Deconv2x2"), 0);
     assert_eq!(operators(&plain, "Conv3x3"), 0);
     assert_eq!(operators(&plain, "AffinePRelu"), 0);
+    assert_eq!(operators(&plain, "QConv3x3"), 0);
     assert_eq!(operators(&plain, "DeconvSum"), 3, "{:?}", plain.kernels());
 
     let expected = outputs(&plain.run(&input).unwrap());

@@ -18,8 +18,9 @@
 //! Weights are packed at load time, four output channels interleaved.
 //!
 //! The rewrite replaces by a node of type [`OP_TYPE`], with the same output name, every
-//! `Conv` with a 3x3 f32 initializer weight, one group, no bias, and either stride 1 with
-//! padding equal to the dilation or stride 2 with dilation 1 and padding 1.
+//! `Conv` with a 3x3 f32 initializer weight, one group, no bias or an f32 initializer
+//! bias, and either stride 1 with padding equal to the dilation or stride 2 with dilation
+//! 1 and padding 1.
 
 use std::cell::RefCell;
 
@@ -29,8 +30,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{EvalContext, EvalOp, Op, StaticName, TypedOp};
 use tract_onnx::tract_hir::internal::{
-    check_input_arity, check_output_arity, expand, Expansion, InferenceOp, InferenceResult, Solver,
-    TensorProxy,
+    check_output_arity, expand, Expansion, InferenceOp, InferenceResult, Solver, TensorProxy,
 };
 
 use super::{f32_initializers, int, ints, Simd};
@@ -58,6 +58,8 @@ pub struct Conv3x3 {
     outputs: usize,
     geometry: Geometry,
     packed: Vec<f32>,
+    /// One value per output channel, added to its sums (zero without a bias).
+    bias: Vec<f32>,
 }
 
 /// Stride and dilation of a [`Conv3x3`]; the padding equals the dilation.
@@ -104,6 +106,7 @@ impl PartialEq for Conv3x3 {
                 .iter()
                 .map(|v| v.to_bits())
                 .eq(other.packed.iter().map(|v| v.to_bits()))
+            && super::same_bits(&self.bias, &other.bias)
     }
 }
 
@@ -130,9 +133,11 @@ impl Padded<'_> {
 }
 
 impl Conv3x3 {
-    /// Builds the operator from an ONNX `Conv` weight laid out `[outputs, inputs, 3, 3]`.
+    /// Builds the operator from an ONNX `Conv` weight laid out `[outputs, inputs, 3, 3]`
+    /// and its bias, if it has one.
     pub fn from_onnx_weight(
         weight: &[f32],
+        bias: Option<&[f32]>,
         inputs: usize,
         outputs: usize,
         geometry: Geometry,
@@ -146,6 +151,13 @@ impl Conv3x3 {
             inputs > 0 && outputs > 0,
             "convolution has {inputs} input and {outputs} output channels, expected at least 1"
         );
+        if let Some(bias) = bias {
+            ensure!(
+                bias.len() == outputs,
+                "convolution bias has {} values, expected {outputs}",
+                bias.len()
+            );
+        }
         let dilation = geometry.dilation();
         ensure!(
             (1..=MAX_DILATION).contains(&dilation),
@@ -167,6 +179,7 @@ impl Conv3x3 {
             outputs,
             geometry,
             packed,
+            bias: bias.map_or_else(|| vec![0.0; outputs], <[f32]>::to_vec),
         })
     }
 
@@ -253,7 +266,16 @@ impl Conv3x3 {
             super::for_each_run(output, CHANNELS * plane, |first, run| {
                 for y in 0..out_height {
                     for (index, block) in run.chunks_mut(CHANNELS * plane).enumerate() {
-                        let weights = &self.packed[(first + index) * weights_len..][..weights_len];
+                        let block_index = first + index;
+                        let weights = &self.packed[block_index * weights_len..][..weights_len];
+                        let mut bias = [0.0; CHANNELS];
+                        for (j, b) in bias.iter_mut().enumerate() {
+                            *b = self
+                                .bias
+                                .get(block_index * CHANNELS + j)
+                                .copied()
+                                .unwrap_or(0.0);
+                        }
                         // Channels past the last one keep empty rows and are not stored.
                         let mut rows: [&mut [f32]; CHANNELS] = Default::default();
                         for (row, channel) in rows.iter_mut().zip(block.chunks_exact_mut(plane)) {
@@ -268,6 +290,7 @@ impl Conv3x3 {
                             columns,
                             y,
                             width: out_width,
+                            bias,
                         };
                         let done = match vector {
                             // SAFETY: `vector_rows` returned the kernel only if the CPU
@@ -297,6 +320,8 @@ struct Job<'a> {
     /// Output row and output width.
     y: usize,
     width: usize,
+    /// Bias of each output channel of the block, added to its sums.
+    bias: [f32; CHANNELS],
 }
 
 impl Job<'_> {
@@ -347,7 +372,7 @@ fn vector_rows() -> Option<RowsFn> {
 fn portable_rows(job: &Job, start: usize, rows: &mut [&mut [f32]; CHANNELS]) {
     let padded = job.padded;
     for x in start..job.width {
-        let mut acc = [0.0f32; CHANNELS];
+        let mut acc = job.bias;
         for i in 0..job.inputs {
             for (ky, yy) in job.kernel_rows() {
                 let row = &padded.data[padded.row(i, yy)..][..padded.stride];
@@ -382,6 +407,10 @@ unsafe fn avx_fma_rows(job: &Job, rows: &mut [&mut [f32]; CHANNELS]) -> usize {
     job.assert_bounds(end);
     for x in (0..end).step_by(BLOCK) {
         let mut acc = [_mm256_setzero_ps(); 2 * CHANNELS];
+        for j in 0..CHANNELS {
+            acc[2 * j] = _mm256_set1_ps(job.bias[j]);
+            acc[2 * j + 1] = acc[2 * j];
+        }
         for i in 0..job.inputs {
             for (ky, yy) in job.kernel_rows() {
                 // In bounds: checked by `assert_bounds` for the last column.
@@ -424,6 +453,10 @@ unsafe fn avx512_rows(job: &Job, rows: &mut [&mut [f32]; CHANNELS]) -> usize {
     job.assert_bounds(end);
     for x in (0..end).step_by(WIDE) {
         let mut acc = [_mm512_setzero_ps(); 2 * CHANNELS];
+        for j in 0..CHANNELS {
+            acc[2 * j] = _mm512_set1_ps(job.bias[j]);
+            acc[2 * j + 1] = acc[2 * j];
+        }
         for i in 0..job.inputs {
             for (ky, yy) in job.kernel_rows() {
                 // In bounds: checked by `assert_bounds` for the last column.
@@ -464,6 +497,11 @@ unsafe fn neon_rows(job: &Job, rows: &mut [&mut [f32]; CHANNELS]) -> usize {
     job.assert_bounds(end);
     for x in (0..end).step_by(BLOCK) {
         let mut acc = [vdupq_n_f32(0.0); 4 * CHANNELS];
+        for j in 0..CHANNELS {
+            for q in 0..4 {
+                acc[4 * j + q] = vdupq_n_f32(job.bias[j]);
+            }
+        }
         for i in 0..job.inputs {
             for (ky, yy) in job.kernel_rows() {
                 // In bounds: checked by `assert_bounds` for the last column.
@@ -539,8 +577,9 @@ impl TypedOp for Conv3x3 {
     tract_onnx::tract_core::as_op!();
 }
 
-/// The ONNX-level operator: inputs `x` and the constant weight; attributes `stride` (1 or
-/// 2, default 1) and `dilation` (1 with stride 2).
+/// The ONNX-level operator. Its inputs are `x`, the constant weight and optionally the
+/// constant bias. Its attributes are `stride` (1 or 2, default 1) and `dilation` (1 with
+/// stride 2).
 #[derive(Debug, Clone)]
 struct Conv3x3Expansion {
     geometry: Geometry,
@@ -557,7 +596,11 @@ impl Expansion for Conv3x3Expansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 2)?;
+        ensure!(
+            (2..=3).contains(&inputs.len()),
+            "{OP_TYPE} has {} inputs, expected 2 or 3",
+            inputs.len()
+        );
         check_output_arity(outputs, 1)?;
         s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
         s.equals(&inputs[0].rank, 4)?;
@@ -589,7 +632,12 @@ impl Expansion for Conv3x3Expansion {
             shape.len() == 4 && shape[2] == 3 && shape[3] == 3,
             "{OP_TYPE} weight of {name} has shape {shape:?}, expected [outputs, inputs, 3, 3]"
         );
-        let op = Conv3x3::from_onnx_weight(&weight, shape[1], shape[0], self.geometry)?;
+        let bias = match inputs.get(2) {
+            Some(&bias) => Some(super::constant_f32(model, bias, OP_TYPE, name)?.1),
+            None => None,
+        };
+        let op =
+            Conv3x3::from_onnx_weight(&weight, bias.as_deref(), shape[1], shape[0], self.geometry)?;
         model.wire_node(name, op, &[inputs[0]])
     }
 }
@@ -618,7 +666,7 @@ pub fn parse_conv3x3(
 }
 
 /// Returns the geometry of `node` if it is a `Conv` this operator computes: kernel 3x3,
-/// one group, no bias, and stride 1 with padding equal to the dilation on every side or
+/// one group, and stride 1 with padding equal to the dilation on every side or
 /// stride 2 with dilation 1 and padding 1.
 fn conv3x3_geometry(node: &pb::NodeProto) -> Option<Geometry> {
     let auto_pad = node
@@ -628,7 +676,7 @@ fn conv3x3_geometry(node: &pb::NodeProto) -> Option<Geometry> {
         .map(|a| a.s.as_slice());
     let dilations = ints(node, "dilations", &[1, 1]);
     let fits = node.op_type == "Conv"
-        && node.input.len() == 2
+        && (2..=3).contains(&node.input.len())
         && ints(node, "kernel_shape", &[3, 3]) == [3, 3]
         && dilations.len() == 2
         && dilations[0] == dilations[1]
@@ -646,13 +694,14 @@ fn conv3x3_geometry(node: &pb::NodeProto) -> Option<Geometry> {
     }
 }
 
-/// Replaces each `Conv` that [`Conv3x3`] computes, with a 3x3 f32 weight initializer, by
-/// an [`OP_TYPE`] node. Returns the number replaced.
+/// Replaces each `Conv` that [`Conv3x3`] computes, with a 3x3 f32 weight initializer and
+/// no bias or an f32 initializer bias, by an [`OP_TYPE`] node. Returns the number replaced.
 pub fn fuse_conv3x3(model: &mut pb::ModelProto) -> usize {
     let Some(graph) = model.graph.as_mut() else {
         return 0;
     };
     let weights = f32_initializers(graph, 4);
+    let biases = f32_initializers(graph, 1);
     let replace: Vec<(usize, Geometry)> = graph
         .node
         .iter()
@@ -660,7 +709,12 @@ pub fn fuse_conv3x3(model: &mut pb::ModelProto) -> usize {
         .filter_map(|(index, node)| {
             let geometry = conv3x3_geometry(node)?;
             let weight = weights.get(node.input[1].as_str())?;
-            (weight.dims[2] == 3 && weight.dims[3] == 3).then_some((index, geometry))
+            let bias_fits = node.input.get(2).is_none_or(|bias| {
+                biases
+                    .get(bias.as_str())
+                    .is_some_and(|b| b.dims[0] == weight.dims[0])
+            });
+            (weight.dims[2] == 3 && weight.dims[3] == 3 && bias_fits).then_some((index, geometry))
         })
         .collect();
     for &(index, geometry) in &replace {
@@ -746,6 +800,7 @@ mod tests {
             ]),
             height in 1usize..20,
             width in prop_oneof![1usize..53, Just(64usize), Just(97usize), Just(128usize)],
+            with_bias in any::<bool>(),
             seed in any::<u64>(),
         ) {
             let mut state = seed | 1;
@@ -757,16 +812,24 @@ mod tests {
             };
             let weight: Vec<f32> = (0..outputs * inputs * 9).map(|_| next()).collect();
             let input: Vec<f32> = (0..inputs * height * width).map(|_| next() * 10.0).collect();
-            let op = Conv3x3::from_onnx_weight(&weight, inputs, outputs, geometry).unwrap();
-            let (expected, magnitudes) =
+            let bias: Option<Vec<f32>> = with_bias.then(|| (0..outputs).map(|_| next()).collect());
+            let op = Conv3x3::from_onnx_weight(&weight, bias.as_deref(), inputs, outputs, geometry)
+                .unwrap();
+            let (mut expected, magnitudes) =
                 reference(&weight, inputs, outputs, geometry, &input, height, width);
+            if let Some(bias) = &bias {
+                let plane = expected.len() / outputs;
+                for (channel, b) in expected.chunks_exact_mut(plane).zip(bias) {
+                    channel.iter_mut().for_each(|v| *v += b);
+                }
+            }
             for (name, kernel) in supported_kernels() {
                 let mut actual = vec![f32::NAN; expected.len()];
                 op.run_with(&input, height, width, &mut actual, kernel);
                 for (index, (e, a)) in expected.iter().zip(&actual).enumerate() {
                     // An f32 sum of n terms is off by at most about n * 6e-8 of the
                     // summed magnitudes, and n is at most 13 * 9 here.
-                    let tolerance = 1e-5 * magnitudes[index] + f32::MIN_POSITIVE;
+                    let tolerance = 1e-5 * (magnitudes[index] + 1.0) + f32::MIN_POSITIVE;
                     prop_assert!((e - a).abs() <= tolerance, "{} [{}]: {} vs {}", name, index, a, e);
                 }
             }
@@ -790,7 +853,8 @@ mod tests {
 
     #[test]
     fn weight_of_the_wrong_size_is_rejected() {
-        let error = Conv3x3::from_onnx_weight(&[0.0; 17], 1, 2, Geometry::Dilated(1)).unwrap_err();
+        let error =
+            Conv3x3::from_onnx_weight(&[0.0; 17], None, 1, 2, Geometry::Dilated(1)).unwrap_err();
         assert!(error.to_string().contains("17 values"), "{error}");
     }
 
@@ -850,7 +914,9 @@ mod tests {
         );
         let mut with_bias = conv(dilated(2));
         with_bias.input.push("b".into());
-        assert_eq!(conv3x3_geometry(&with_bias), None);
+        assert_eq!(conv3x3_geometry(&with_bias), Some(Geometry::Dilated(2)));
+        with_bias.input.push("extra".into());
+        assert_eq!(conv3x3_geometry(&with_bias), None, "four inputs");
         assert_eq!(
             conv3x3_geometry(&conv(vec![ints_attribute("kernel_shape", &[1, 1])])),
             None

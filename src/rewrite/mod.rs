@@ -3,11 +3,12 @@
 //! backbone or combined plan loads. The files on disk stay standard ONNX, and each rewritten node
 //! keeps its output name, so taps and graph outputs are unchanged.
 //!
-//! | rewrite | replaces | share of an f32 frame before |
+//! | rewrite | replaces | share of a frame before |
 //! |---|---|---|
-//! | [`prelu`] | BatchNorm + PRelu (Mul, Greater, Iff, Mul, Add) | about a third |
-//! | [`deconv`] | 2x2 stride-2 `ConvTranspose` (matmul + `DeconvSum`) | about a tenth |
-//! | [`conv3x3`] | 3x3 `Conv` of stride 1 or 2 (`DirectSpatialConv`, im2col + matmul) | about half |
+//! | [`prelu`] | BatchNorm + PRelu (Mul, Greater, Iff, Mul, Add) | about a third (f32) |
+//! | [`deconv`] | 2x2 stride-2 `ConvTranspose` (matmul + `DeconvSum`) | about a tenth (f32) |
+//! | [`conv3x3`] | 3x3 `Conv` of stride 1 or 2 (`DirectSpatialConv`, im2col + matmul) | about half (f32) |
+//! | [`qconv3x3`] | int8 3x3 `QuantizeLinear -> ConvInteger -> Cast -> Mul (-> Add)` | most (int8) |
 
 use std::collections::HashMap;
 
@@ -18,6 +19,7 @@ use tract_onnx::prelude::*;
 pub mod conv3x3;
 pub mod deconv;
 pub mod prelu;
+pub mod qconv3x3;
 
 /// Choice of the graph rewrites applied to an ONNX model before tract types it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +30,8 @@ pub struct Rewrites {
     pub deconv: bool,
     /// Each 3x3 convolution of stride 1 (dilated or not) or 2 as one pass ([`conv3x3`]).
     pub conv3x3: bool,
+    /// Each int8 3x3 convolution with its rescaling to f32 as one pass ([`qconv3x3`]).
+    pub qconv3x3: bool,
 }
 
 impl Rewrites {
@@ -36,44 +40,61 @@ impl Rewrites {
         prelu: true,
         deconv: true,
         conv3x3: true,
+        qconv3x3: true,
     };
     /// The model as tract lowers it by itself.
     pub const NONE: Rewrites = Rewrites {
         prelu: false,
         deconv: false,
         conv3x3: false,
+        qconv3x3: false,
     };
 
     /// Returns every rewrite except those turned off with `DAAIN_PRELU_FUSION=off`,
-    /// `DAAIN_DECONV_FUSION=off` or `DAAIN_CONV3X3_FUSION=off`, for benchmarks and
-    /// profiles of tract's own lowering.
+    /// `DAAIN_DECONV_FUSION=off`, `DAAIN_CONV3X3_FUSION=off` or `DAAIN_QCONV3X3_FUSION=off`,
+    /// for benchmarks and profiles of tract's own lowering.
     pub fn from_env() -> Rewrites {
         let on = |name: &str| std::env::var(name).map_or(true, |v| v != "off");
         Rewrites {
             prelu: on("DAAIN_PRELU_FUSION"),
             deconv: on("DAAIN_DECONV_FUSION"),
             conv3x3: on("DAAIN_CONV3X3_FUSION"),
+            qconv3x3: on("DAAIN_QCONV3X3_FUSION"),
         }
     }
 
-    /// Applies the chosen rewrites to `model` and logs what each replaced.
+    /// Applies the chosen rewrites to `model` and logs what each replaced, with the kernel
+    /// it runs on this CPU.
     pub fn apply(&self, model: &mut pb::ModelProto) {
+        let log = |count: usize, what: &str, kernel: &str| {
+            if count > 0 {
+                log::info!("rewrote {count} {what} ({kernel} kernel)");
+            }
+        };
         if self.prelu {
             let (prelus, batch_norms) = prelu::fuse_affine_prelu(model);
             log::debug!("fused {prelus} PRelus and {batch_norms} BatchNorms before them");
         }
         if self.deconv {
             let deconvs = deconv::fuse_deconv2x2(model);
-            log::debug!(
-                "rewrote {deconvs} 2x2 stride-2 transposed convolutions ({} kernel)",
-                Simd::best().name()
+            log(
+                deconvs,
+                "2x2 stride-2 transposed convolutions",
+                Simd::best().name(),
             );
         }
         if self.conv3x3 {
-            let convs = conv3x3::fuse_conv3x3(model);
-            log::debug!(
-                "rewrote {convs} 3x3 convolutions ({} kernel)",
-                Simd::best().name()
+            log(
+                conv3x3::fuse_conv3x3(model),
+                "3x3 convolutions",
+                Simd::best().name(),
+            );
+        }
+        if self.qconv3x3 {
+            log(
+                qconv3x3::fuse_qconv3x3(model),
+                "int8 3x3 convolutions",
+                qconv3x3::kernel_name(),
             );
         }
     }
@@ -88,6 +109,8 @@ pub fn onnx_parser() -> tract_onnx::Onnx {
         .insert(deconv::OP_TYPE, deconv::parse_deconv2x2);
     onnx.op_register
         .insert(conv3x3::OP_TYPE, conv3x3::parse_conv3x3);
+    onnx.op_register
+        .insert(qconv3x3::OP_TYPE, qconv3x3::parse_qconv3x3);
     onnx
 }
 

@@ -90,8 +90,20 @@ enum Command {
         #[arg(long)]
         bundle: Option<PathBuf>,
         /// Range choice: minmax, mse or percentile:P (P in percent, 50 to 100).
-        #[arg(long, default_value = "percentile:99.99")]
+        #[arg(long, default_value = "mse")]
         method: daain_tools::quantize::CalibrationMethod,
+        /// Convolutions to quantise: all, or dilated-3x3 (the 3x3 convolutions of stride 1,
+        /// which the runtime runs with its own int8 kernel; the others stay f32).
+        #[arg(long, value_enum, default_value = "dilated-3x3")]
+        convs: daain_tools::quantize::ConvSelection,
+        /// Input equalisation strength, 0 (off) to 1: rescales the channels of each
+        /// quantised convolution's input against the f32 convolution that produces it.
+        #[arg(long, default_value_t = 0.5)]
+        equalize: f32,
+        /// Leave the biases as they are, without correcting the mean shift that
+        /// quantisation causes.
+        #[arg(long)]
+        no_bias_correction: bool,
         /// Convolutions to keep in f32, by module path (for example encoder.level1.conv).
         #[arg(long, value_delimiter = ',')]
         keep_f32: Vec<String>,
@@ -213,13 +225,22 @@ fn main() -> Result<()> {
             output,
             bundle,
             method,
+            convs,
+            equalize,
+            no_bias_correction,
             keep_f32,
             calibration_stride,
             folded_f32_output,
             timing_rounds,
         } => {
             use daain_tools::quantize;
-            let options = quantize::QuantizeOptions { method, keep_f32 };
+            let options = quantize::QuantizeOptions {
+                method,
+                convs,
+                equalize,
+                bias_correction: !no_bias_correction,
+                keep_f32,
+            };
             let settings = TrainingConfig::from_path(&config)?;
             let (source, output) = match (&bundle, output) {
                 (Some(dir), _) => (dir.join("backbone.onnx"), dir.join(quantize::BUNDLE_INT8_FILE)),

@@ -12,16 +12,24 @@
 //! output read by f32 operators:                ConvInteger -> Cast -> Mul (-> Add bias)
 //! ```
 //!
-//! The first form hands the int8 output straight to the next convolutions (the reduction
-//! `c1` of each ESP block feeds its five dilated branches). The second keeps the exact
-//! int32 accumulator and rescales it per output channel, so no output rounding adds to
-//! the error of the sums and concatenations after it. Weights are int8 with one scale
-//! per output channel. PRelu, Add, Concat, BatchNormalization, AveragePool and
-//! ConvTranspose stay f32.
+//! The first form hands the int8 output straight to the next convolutions. The second
+//! keeps the exact int32 accumulator and rescales it per output channel, so no output
+//! rounding adds to the error of the sums and concatenations after it. Weights are int8
+//! with one scale per output channel. PRelu, Add, Concat, BatchNormalization, AveragePool
+//! and ConvTranspose stay f32.
+//!
+//! By default ([`ConvSelection::Dilated3x3`]) only the 3x3 convolutions of stride 1 are
+//! quantised, each as `QuantizeLinear -> ConvInteger -> Cast -> Mul -> Add`, which the
+//! runtime runs as one int8 operator of its own (`daain::rewrite::qconv3x3`). tract's own
+//! int8 convolution spends most of its time in im2col and requantisation passes, so the
+//! 1x1 convolutions are faster in f32.
 //!
 //! Before quantising, every BatchNormalization that directly follows a Conv is folded into
 //! that Conv's weights and bias. This also helps the f32 model. Activation ranges come
-//! from real frames run through tract in f32 (see [`CalibrationMethod`]).
+//! from real frames run through tract in f32 (see [`CalibrationMethod`]). Two more steps
+//! reduce the error: [`equalize_inputs`] evens out the channels of the values the
+//! quantised convolutions read, and bias correction ([`rewrite`]) removes the mean shift
+//! that quantisation causes in each convolution's output.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -81,10 +89,30 @@ impl std::str::FromStr for CalibrationMethod {
     }
 }
 
+/// Convolutions a quantisation turns into int8.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConvSelection {
+    /// Every convolution not kept in f32.
+    All,
+    /// Only the 3x3 convolutions of stride 1 with padding equal to the dilation (ESPNet's
+    /// dilated pyramids), which the runtime runs with its own int8 kernel. The others,
+    /// mostly 1x1, stay f32 and the int8 convolutions quantise their f32 input.
+    #[value(name = "dilated-3x3")]
+    #[serde(rename = "dilated-3x3")]
+    Dilated3x3,
+}
+
 /// Settings of one quantisation.
 #[derive(Debug, Clone, Serialize)]
 pub struct QuantizeOptions {
     pub method: CalibrationMethod,
+    pub convs: ConvSelection,
+    /// Strength of the input equalisation, 0 (off) to 1 (see [`equalize_inputs`]).
+    pub equalize: f32,
+    /// Whether each quantised convolution's bias absorbs the mean change of its output
+    /// that quantisation causes on the calibration frames (see [`rewrite`]).
+    pub bias_correction: bool,
     /// Convolutions that stay f32, named by their weight's module path without
     /// `.weight` (for example `encoder.level1.conv`).
     pub keep_f32: Vec<String>,
@@ -97,6 +125,13 @@ pub struct TensorStats {
     pub max: f32,
     /// A random subset of the values, [`SAMPLES_PER_FRAME`] per frame.
     pub samples: Vec<f32>,
+    /// Mean of each channel.
+    pub channel_mean: Vec<f64>,
+    /// Mean square of each channel.
+    pub channel_mean_square: Vec<f64>,
+    /// Mean of each channel after quantising and dequantising every value with the
+    /// parameters given to [`calibrate`], if any.
+    pub channel_mean_quantized: Vec<f64>,
 }
 
 /// Affine int8 quantisation: `real = scale * (q - zero_point)`.
@@ -329,9 +364,29 @@ fn conv_path(node: &pb::NodeProto) -> String {
     base.strip_suffix(".weight").unwrap_or(base).to_owned()
 }
 
+/// Returns whether `node` is a 3x3 convolution of stride 1, one group and padding equal
+/// to its dilation.
+fn is_dilated_3x3(graph: &pb::GraphProto, node: &pb::NodeProto) -> bool {
+    let ints = |name: &str, default: &[i64]| {
+        node.attribute
+            .iter()
+            .find(|a| a.name == name)
+            .map_or_else(|| default.to_vec(), |a| a.ints.clone())
+    };
+    let group = node.attribute.iter().find(|a| a.name == "group").map_or(1, |a| a.i);
+    let dilations = ints("dilations", &[1, 1]);
+    let kernel = initializer(graph, &node.input[1]).map(|w| w.dims.clone());
+    kernel.is_some_and(|dims| dims.len() == 4 && dims[2..] == [3, 3])
+        && ints("strides", &[1, 1]) == [1, 1]
+        && group == 1
+        && dilations.len() == 2
+        && dilations[0] == dilations[1]
+        && ints("pads", &[0; 4]) == [dilations[0]; 4]
+}
+
 /// Returns the Conv nodes to quantise, and the values to calibrate: their inputs and
 /// outputs.
-fn quantised_convs(model: &pb::ModelProto, options: &QuantizeOptions) -> Result<(Vec<usize>, Vec<String>)> {
+pub fn quantised_convs(model: &pb::ModelProto, options: &QuantizeOptions) -> Result<(Vec<usize>, Vec<String>)> {
     let graph = graph(model);
     let mut known = HashSet::new();
     let mut convs = Vec::new();
@@ -343,6 +398,9 @@ fn quantised_convs(model: &pb::ModelProto, options: &QuantizeOptions) -> Result<
         let path = conv_path(node);
         known.insert(path.clone());
         if options.keep_f32.contains(&path) {
+            continue;
+        }
+        if options.convs == ConvSelection::Dilated3x3 && !is_dilated_3x3(graph, node) {
             continue;
         }
         convs.push(i);
@@ -363,11 +421,15 @@ fn quantised_convs(model: &pb::ModelProto, options: &QuantizeOptions) -> Result<
 }
 
 /// Runs the f32 model on each frame and collects the value statistics of `values`.
+///
+/// With `params`, it also records the channel means of each value quantised with its
+/// parameters, which [`rewrite`] uses to correct the biases.
 pub fn calibrate(
     model: &pb::ModelProto,
     values: &[String],
     frames: &[Frame],
     convention: &InputConvention,
+    params: Option<&HashMap<String, QuantParams>>,
 ) -> Result<BTreeMap<String, TensorStats>> {
     use prost::Message;
     let bytes = model.encode_to_vec();
@@ -388,7 +450,14 @@ pub fn calibrate(
     let mut stats: BTreeMap<String, TensorStats> = values
         .iter()
         .map(|v| {
-            let empty = TensorStats { min: f32::INFINITY, max: f32::NEG_INFINITY, samples: Vec::new() };
+            let empty = TensorStats {
+                min: f32::INFINITY,
+                max: f32::NEG_INFINITY,
+                samples: Vec::new(),
+                channel_mean: Vec::new(),
+                channel_mean_square: Vec::new(),
+                channel_mean_quantized: Vec::new(),
+            };
             (v.clone(), empty)
         })
         .collect();
@@ -397,26 +466,139 @@ pub fn calibrate(
         preprocessor.run(&frame.data, frame.width, frame.height, &mut input)?;
         let tensor = Tensor::from_shape(&shape, &input)?;
         let result = plan.run(tvec!(tensor.into()))?;
-        let mut record = |name: &str, data: &[f32]| {
+        let mut record = |name: &str, data: &[f32], channels: usize| {
             let entry = stats.get_mut(name).expect("calibrated value");
             for &v in data {
                 entry.min = entry.min.min(v);
                 entry.max = entry.max.max(v);
+            }
+            entry.channel_mean.resize(channels, 0.0);
+            entry.channel_mean_square.resize(channels, 0.0);
+            entry.channel_mean_quantized.resize(channels, 0.0);
+            let plane = data.len() / channels.max(1);
+            let weight = 1.0 / (plane.max(1) as f64 * frames.len() as f64);
+            let quantization = params.and_then(|p| p.get(name));
+            for (c, channel) in data.chunks_exact(plane.max(1)).enumerate() {
+                entry.channel_mean[c] += channel.iter().map(|&v| f64::from(v)).sum::<f64>() * weight;
+                entry.channel_mean_square[c] +=
+                    channel.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() * weight;
+                if let Some(q) = quantization {
+                    let sum: f64 = channel.iter().map(|&v| f64::from(q.dequantize(q.quantize(v)))).sum();
+                    entry.channel_mean_quantized[c] += sum * weight;
+                }
             }
             for _ in 0..SAMPLES_PER_FRAME {
                 entry.samples.push(data[rng.gen_range(0..data.len())]);
             }
         };
         if values.iter().any(|v| v == "input") {
-            record("input", &input);
+            record("input", &input, 3);
         }
         for (name, value) in outputs.iter().zip(result.iter()) {
             let view = value.to_plain_array_view::<f32>()?;
             let data = view.as_slice().context("calibrated value is not contiguous")?;
-            record(name, data);
+            let channels = value.shape().get(1).copied().unwrap_or(1);
+            record(name, data, channels);
         }
     }
     Ok(stats)
+}
+
+/// Rescales the channels of each quantised convolution input that an f32 `Conv` produces
+/// and only quantised convolutions read (the reduction `c1` of every ESP block), so that
+/// one per-tensor scale suits all of them. Channel `c` of the producer is divided by
+/// `s_c = (m_c / m_max)^alpha`, where `m_c` is its root mean square in calibration, and
+/// the readers' weights for input channel `c` are multiplied by it. The f32 model
+/// computes the same function. `alpha` 1 equalises the activation ranges fully, and
+/// smaller values leave more of the range in the activations and less in the weights.
+/// Returns the number of values rescaled.
+pub fn equalize_inputs(
+    model: &mut pb::ModelProto,
+    convs: &[usize],
+    stats: &BTreeMap<String, TensorStats>,
+    alpha: f32,
+) -> Result<usize> {
+    ensure!((0.0..=1.0).contains(&alpha), "--equalize {alpha} is invalid: use 0 to 1");
+    let graph = graph_mut(model);
+    let quantised: HashSet<usize> = convs.iter().copied().collect();
+    let graph_outputs: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+    let mut readers: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut producer: HashMap<String, usize> = HashMap::new();
+    for (i, node) in graph.node.iter().enumerate() {
+        for input in &node.input {
+            readers.entry(input.clone()).or_default().push(i);
+        }
+        for output in &node.output {
+            producer.insert(output.clone(), i);
+        }
+    }
+    // Per initializer name, the factor of each channel along `axis` (0: output channels of
+    // the producer, divided; 1: input channels of a reader, multiplied).
+    let mut changes: Vec<(String, usize, Vec<f32>)> = Vec::new();
+    let mut count = 0;
+    let mut done = HashSet::new();
+    for &conv in convs {
+        let value = graph.node[conv].input[0].clone();
+        if done.contains(&value) || graph_outputs.contains(&value) {
+            continue;
+        }
+        done.insert(value.clone());
+        let Some(&source) = producer.get(&value) else {
+            continue;
+        };
+        let source_node = &graph.node[source];
+        if source_node.op_type != "Conv" || quantised.contains(&source) {
+            continue;
+        }
+        let all_quantised = readers[&value].iter().all(|r| quantised.contains(r));
+        let Some(value_stats) = stats.get(&value) else {
+            continue;
+        };
+        // Root mean squares: the largest magnitudes gave factors that changed more from
+        // one calibration set to another.
+        let channel_rms: Vec<f32> =
+            value_stats.channel_mean_square.iter().map(|&m| m.sqrt() as f32).collect();
+        if !all_quantised || channel_rms.is_empty() {
+            continue;
+        }
+        let largest = channel_rms.iter().copied().fold(0.0f32, f32::max);
+        if largest <= 0.0 {
+            continue;
+        }
+        let factors: Vec<f32> = channel_rms
+            .iter()
+            .map(|&m| (m.max(largest * 1e-3) / largest).powf(alpha))
+            .collect();
+        let inverse: Vec<f32> = factors.iter().map(|f| 1.0 / f).collect();
+        changes.push((source_node.input[1].clone(), 0, inverse.clone()));
+        if let Some(bias) = source_node.input.get(2) {
+            changes.push((bias.clone(), 0, inverse));
+        }
+        for &reader in &readers[&value] {
+            changes.push((graph.node[reader].input[1].clone(), 1, factors.clone()));
+        }
+        count += 1;
+    }
+    for (name, axis, factors) in changes {
+        let tensor = graph
+            .initializer
+            .iter_mut()
+            .find(|t| t.name == name)
+            .with_context(|| format!("initializer {name} not found"))?;
+        let dims: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
+        let mut values = f32_values(tensor)?;
+        ensure!(
+            dims.len() > axis && dims[axis] == factors.len(),
+            "initializer {name} has shape {dims:?}, expected {} channels on axis {axis}",
+            factors.len()
+        );
+        let inner: usize = dims[axis + 1..].iter().product();
+        for (index, v) in values.iter_mut().enumerate() {
+            *v *= factors[(index / inner) % dims[axis]];
+        }
+        *tensor = f32_tensor(&name, &dims, &values);
+    }
+    Ok(count)
 }
 
 /// Summary of a quantisation, printed by `daain-tools quantize`.
@@ -425,18 +607,27 @@ pub struct QuantizeSummary {
     pub batch_norms_folded: usize,
     pub convs_quantized: usize,
     pub convs_kept_f32: Vec<String>,
-    /// Quantised values passed between convolutions in int8, without a round trip.
+    /// Quantised convolutions that read an int8 value which another quantised
+    /// convolution already needed (a shared `QuantizeLinear`) or wrote (`QLinearConv`).
     pub int8_links: usize,
+    /// Quantised values whose channels [`equalize_inputs`] rescaled.
+    pub inputs_equalized: usize,
     pub calibration_frames: usize,
 }
 
 /// Rewrites the quantised Conv nodes as `QuantizeLinear -> QLinearConv ->
 /// DequantizeLinear` with the calibrated ranges.
+///
+/// With `correct_bias`, each convolution's bias gets the difference between the mean
+/// output of the f32 convolution and that of the quantised one on the calibration frames,
+/// so that quantisation does not shift the outputs on average. Both means come from the
+/// channel means of the input before and after quantisation, leaving out border effects.
 fn rewrite(
     model: &mut pb::ModelProto,
     convs: &[usize],
     stats: &BTreeMap<String, TensorStats>,
     method: CalibrationMethod,
+    correct_bias: bool,
 ) -> Result<usize> {
     let graph = graph_mut(model);
     let conv_set: HashSet<usize> = convs.iter().copied().collect();
@@ -508,10 +699,25 @@ fn rewrite(
                 *q = (v / scale).round().clamp(-127.0, 127.0) as i8;
             }
         }
-        let bias = match node.input.get(2) {
+        let mut bias = match node.input.get(2) {
             Some(name) => f32_values(initializer(graph, name).context("Conv bias is not an initializer")?)?,
             None => vec![0.0; channels],
         };
+        let x_stats = &stats[&x];
+        let kernel_size: usize = dims[2..].iter().product();
+        if correct_bias && x_stats.channel_mean_quantized.len() == dims[1] {
+            for (o, b) in bias.iter_mut().enumerate() {
+                let mut correction = 0.0f64;
+                for i in 0..dims[1] {
+                    let taps = (o * dims[1] + i) * kernel_size..(o * dims[1] + i + 1) * kernel_size;
+                    let exact: f64 = w[taps.clone()].iter().map(|&v| f64::from(v)).sum();
+                    let quantised: f64 =
+                        w_q[taps].iter().map(|&q| f64::from(q) * f64::from(w_scale[o])).sum();
+                    correction += exact * x_stats.channel_mean[i] - quantised * x_stats.channel_mean_quantized[i];
+                }
+                *b += correction as f32;
+            }
+        }
         let w_name = &node.input[1];
         initializers.push(i8_tensor(&format!("{w_name}.q"), &dims, &w_q));
         initializers.push(i8_tensor(&format!("{w_name}.zero_point"), &[channels], &vec![0; channels]));
@@ -565,7 +771,7 @@ fn rewrite(
             ..Default::default()
         });
         nodes.push(pb::NodeProto {
-            name: format!("{}.cast", node.name),
+            name: format!("{}.to_f32", node.name),
             op_type: "Cast".into(),
             input: vec![accumulator.clone()],
             output: vec![format!("{accumulator}.f32")],
@@ -577,7 +783,7 @@ fn rewrite(
         let has_bias = bias.iter().any(|&b| b != 0.0);
         let scaled = if has_bias { format!("{y}.scaled") } else { y.clone() };
         nodes.push(pb::NodeProto {
-            name: format!("{}.scale", node.name),
+            name: format!("{}.rescale", node.name),
             op_type: "Mul".into(),
             input: vec![format!("{accumulator}.f32"), format!("{w_name}.output_scale")],
             output: vec![scaled.clone()],
@@ -586,7 +792,9 @@ fn rewrite(
         if has_bias {
             initializers.push(f32_tensor(&format!("{w_name}.output_bias"), &[1, channels, 1, 1], &bias));
             nodes.push(pb::NodeProto {
-                name: format!("{}.bias", node.name),
+                // Not `.bias`: tract names a node of its own that way when it lowers the
+                // `ConvInteger`.
+                name: format!("{}.add_bias", node.name),
                 op_type: "Add".into(),
                 input: vec![scaled, format!("{w_name}.output_bias")],
                 output: vec![y.clone()],
@@ -616,13 +824,26 @@ pub fn quantize_model(
         convs.len(),
         frames.len()
     );
-    let stats = calibrate(&model, &values, frames, convention)?;
-    let int8_links = rewrite(&mut model, &convs, &stats, options.method)?;
+    let mut stats = calibrate(&model, &values, frames, convention, None)?;
+    let equalized = if options.equalize > 0.0 {
+        let count = equalize_inputs(&mut model, &convs, &stats, options.equalize)?;
+        stats = calibrate(&model, &values, frames, convention, None)?;
+        count
+    } else {
+        0
+    };
+    if options.bias_correction {
+        let params: HashMap<String, QuantParams> =
+            stats.iter().map(|(k, s)| (k.clone(), s.params(options.method))).collect();
+        stats = calibrate(&model, &values, frames, convention, Some(&params))?;
+    }
+    let int8_links = rewrite(&mut model, &convs, &stats, options.method, options.bias_correction)?;
     let summary = QuantizeSummary {
         batch_norms_folded,
         convs_quantized: convs.len(),
         convs_kept_f32: options.keep_f32.clone(),
         int8_links,
+        inputs_equalized: equalized,
         calibration_frames: frames.len(),
     };
     Ok((model, summary))
