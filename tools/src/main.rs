@@ -107,8 +107,8 @@ enum Command {
         /// Convolutions to keep in f32, by module path (for example encoder.level1.conv).
         #[arg(long, value_delimiter = ',')]
         keep_f32: Vec<String>,
-        /// Use every Nth training frame for calibration.
-        #[arg(long, default_value_t = 4)]
+        /// Use every Nth training frame for calibration (1: all of them).
+        #[arg(long, default_value_t = 1)]
         calibration_stride: usize,
         /// Also write the f32 model with BatchNorms folded into their convolutions.
         #[arg(long)]

@@ -13,7 +13,9 @@ use daain_tools::quantize::{
 use daain_tools::record::load_backbone;
 
 fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(relative)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
 }
 
 /// Decodes frames 0 and 100 of the shipped clip.
@@ -31,7 +33,7 @@ fn frames() -> Vec<Frame> {
 }
 
 #[test]
-fn equalisation_keeps_the_f32_model() {
+fn equalisation_keeps_f32_model() {
     let convention = InputConvention::espnet_cityscapes();
     let mut model = read_model(&repo_path("models/default/backbone.onnx")).unwrap();
     fold_batch_norms(&mut model).unwrap();
@@ -51,7 +53,10 @@ fn equalisation_keeps_the_f32_model() {
     assert_eq!(count, 13, "one reduction per ESP block");
 
     let dir = tempfile::tempdir().unwrap();
-    let (before, after) = (dir.path().join("before.onnx"), dir.path().join("after.onnx"));
+    let (before, after) = (
+        dir.path().join("before.onnx"),
+        dir.path().join("after.onnx"),
+    );
     write_model(&model, &before).unwrap();
     write_model(&equalized, &after).unwrap();
     let taps = ["encoder.level3.7".to_string()];
@@ -65,7 +70,11 @@ fn equalisation_keeps_the_f32_model() {
     let a = before.run(&input).unwrap().logits().to_vec();
     let b = after.run(&input).unwrap().logits().to_vec();
     let range = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let largest = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let largest = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
     assert!(
         largest <= 1e-4 * range,
         "equalised model differs by {largest} (logit range {range})"
@@ -74,7 +83,7 @@ fn equalisation_keeps_the_f32_model() {
 }
 
 #[test]
-fn equalisation_strength_out_of_range_is_rejected() {
+fn equalisation_strength_above_one_rejected() {
     let mut model = read_model(&repo_path("models/default/backbone.onnx")).unwrap();
     let error = equalize_inputs(&mut model, &[], &Default::default(), 1.5).unwrap_err();
     assert!(error.to_string().contains("--equalize 1.5"), "{error}");
