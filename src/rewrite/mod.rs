@@ -91,11 +91,15 @@ impl Rewrites {
             );
         }
         if self.qconv3x3 {
-            log(
-                qconv3x3::fuse_qconv3x3(model),
-                "int8 3x3 convolutions",
-                qconv3x3::kernel_name(),
-            );
+            let convs = qconv3x3::fuse_qconv3x3(model);
+            log(convs, "int8 3x3 convolutions", qconv3x3::kernel_name());
+            if convs > 0 && qconv3x3::kernel_name() == "portable" {
+                log::warn!(
+                    "this CPU has no int8 kernel (AVX-512 VNNI, AVX-VNNI or NEON), so the int8 \
+                     backbone runs portable code, much slower than f32: set detector.backbone \
+                     = \"f32\""
+                );
+            }
         }
     }
 }

@@ -726,7 +726,8 @@ unsafe fn avx_vnni_rows(job: &Job, rows: &mut [&mut [f32]; CHANNELS]) -> usize {
 /// NEON kernel: 16 columns, their four channels of a group loaded apart (`ld4`), widened
 /// to 16 bits and multiplied into sixteen vectors of four 32-bit sums. On CPUs without
 /// dot-product instructions this does as many multiplications per instruction as the f32
-/// kernel, so it is about as fast, not faster.
+/// kernel, plus the widening, so it is not expected to be faster.
+/// NOTE: its speed was only checked under emulation, not on Arm hardware.
 ///
 /// # Safety
 /// The CPU must support NEON.
