@@ -93,11 +93,13 @@ impl Rewrites {
         if self.qconv3x3 {
             let convs = qconv3x3::fuse_qconv3x3(model);
             log(convs, "int8 3x3 convolutions", qconv3x3::kernel_name());
-            if convs > 0 && qconv3x3::kernel_name() == "portable" {
+            let dot_product = matches!(qconv3x3::kernel_name(), "avx512vnni" | "avxvnni");
+            if convs > 0 && !dot_product {
                 log::warn!(
-                    "this CPU has no int8 kernel (AVX-512 VNNI, AVX-VNNI or NEON), so the int8 \
-                     backbone runs portable code, much slower than f32: set detector.backbone \
-                     = \"f32\""
+                    "this CPU has no int8 dot-product kernel (AVX-512 VNNI or AVX-VNNI), so the \
+                     int8 backbone runs its {} code, no faster than f32: set \
+                     detector.backbone = \"f32\"",
+                    qconv3x3::kernel_name()
                 );
             }
         }

@@ -8,7 +8,8 @@
 //! the f32 one.
 //!
 //! [`QConv3x3`] does all of it in one pass for a 3x3 convolution of stride 1 with padding
-//! equal to the dilation, the 60 dilated convolutions of ESPNet's ESP blocks. The input,
+//! equal to the dilation: in ESPNet the 65 of the ESP blocks' pyramids and the one before
+//! the classifier. The input,
 //! int8 or f32 quantised on the way when a `QuantizeLinear` fed the `ConvInteger`, is
 //! copied into a padded scratch buffer of unsigned bytes (value + 128), four input
 //! channels interleaved per pixel. On AVX-512 VNNI and AVX-VNNI one `vpdpbusd` then
@@ -51,8 +52,10 @@ const CHANNELS: usize = 4;
 /// Input channels in one 32-bit word of the scratch buffer and of the packed weights.
 const LANES: usize = 4;
 
-/// Quantisation of an f32 input, as the `QuantizeLinear` it replaces computes it:
-/// `q = clamp(round_half_even(x / scale) + zero_point, -128, 127)`.
+/// Quantisation of an f32 input as ONNX defines `QuantizeLinear`:
+/// `q = clamp(round_half_even(x / scale) + zero_point, -128, 127)`. tract 0.23.9 multiplies
+/// by the reciprocal of the scale instead, so without this rewrite a value at a rounding
+/// tie can land one step away.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct InputQuantization {
     pub scale: f32,
@@ -210,6 +213,9 @@ impl QConv3x3 {
     /// Computes the output, `outputs x H x W`, of `input`, `inputs x H x W`, with the
     /// vector kernel of this CPU where there is one.
     pub fn run(&self, input: Input, height: usize, width: usize, output: &mut [f32]) {
+        if height == 0 || width == 0 {
+            return;
+        }
         self.run_with(input, height, width, output, Kernel::supported()[0]);
     }
 
@@ -1104,8 +1110,10 @@ pub fn fuse_qconv3x3(model: &mut pb::ModelProto) -> usize {
             continue;
         }
         let channels = weight.dims[0];
+        // An int8 zero point initializer also fixes the input type: without one the input
+        // could be uint8, which this operator does not read.
         let zero_point = match node.input.get(2).filter(|name| !name.is_empty()) {
-            None => Some(0),
+            None => None,
             Some(name) => initializers
                 .get(name.as_str())
                 .filter(|t| t.data_type == pb::tensor_proto::DataType::Int8 as i32)
@@ -1346,6 +1354,76 @@ mod tests {
             eprintln!("qconv3x3 kernels tested on this CPU: {names:?}");
         });
         kernels
+    }
+
+    /// Returns `ConvInteger(x, w[, zp]) -> Cast -> Mul(scale)` with int8 initializers.
+    fn chain(zero_point: bool) -> pb::ModelProto {
+        use pb::tensor_proto::DataType;
+        let tensor =
+            |name: &str, dims: &[i64], data_type: DataType, raw: Vec<u8>| pb::TensorProto {
+                name: name.into(),
+                dims: dims.to_vec(),
+                data_type: data_type as i32,
+                raw_data: raw,
+                ..Default::default()
+            };
+        let node = |op: &str, inputs: &[&str], output: &str, attribute| pb::NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|i| i.to_string()).collect(),
+            output: vec![output.into()],
+            attribute,
+            ..Default::default()
+        };
+        let mut conv_inputs = vec!["x", "w"];
+        let mut initializer = vec![
+            tensor("w", &[1, 1, 3, 3], DataType::Int8, vec![1; 9]),
+            tensor(
+                "s",
+                &[1, 1, 1, 1],
+                DataType::Float,
+                0.5f32.to_le_bytes().to_vec(),
+            ),
+        ];
+        if zero_point {
+            conv_inputs.push("zp");
+            initializer.push(tensor("zp", &[], DataType::Int8, vec![3]));
+        }
+        let pads = pb::AttributeProto {
+            name: "pads".into(),
+            ints: vec![1; 4],
+            ..Default::default()
+        };
+        pb::ModelProto {
+            graph: Some(pb::GraphProto {
+                node: vec![
+                    node("ConvInteger", &conv_inputs, "acc", vec![pads]),
+                    node("Cast", &["acc"], "acc_f32", vec![int_attribute("to", 1)]),
+                    node("Mul", &["acc_f32", "s"], "y", vec![]),
+                ],
+                initializer,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn chain_with_int8_zero_point_is_fused() {
+        let mut model = chain(true);
+        assert_eq!(fuse_qconv3x3(&mut model), 1);
+        let nodes = &model.graph.unwrap().node;
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].op_type, OP_TYPE);
+        assert_eq!(nodes[0].output, ["y"]);
+        assert_eq!(int(&nodes[0], "zero_point", 0), 3);
+    }
+
+    /// Without an int8 zero point the input may be uint8, which the operator does not read.
+    #[test]
+    fn chain_without_zero_point_is_kept() {
+        let mut model = chain(false);
+        assert_eq!(fuse_qconv3x3(&mut model), 0);
+        assert_eq!(model.graph.unwrap().node.len(), 3);
     }
 
     #[test]

@@ -512,6 +512,8 @@ pub fn calibrate(
 /// computes the same function. `alpha` 1 equalises the activation ranges fully, and
 /// smaller values leave more of the range in the activations and less in the weights.
 /// Returns the number of values rescaled.
+/// NOTE: only graph outputs are protected. A tap on a rescaled value would change, and
+/// the shipped taps are block outputs, which are not rescaled.
 pub fn equalize_inputs(
     model: &mut pb::ModelProto,
     convs: &[usize],
@@ -569,6 +571,16 @@ pub fn equalize_inputs(
             .iter()
             .map(|&m| (m.max(largest * 1e-3) / largest).powf(alpha))
             .collect();
+        // Only plain convolutions whose weights have one slice per channel of the value.
+        let weight_dims = |node: usize| {
+            initializer(graph, &graph.node[node].input[1]).map(|w| w.dims.clone()).unwrap_or_default()
+        };
+        let channels = factors.len() as i64;
+        let fits = weight_dims(source).first() == Some(&channels)
+            && readers[&value].iter().all(|&r| weight_dims(r).get(1) == Some(&channels));
+        if !fits {
+            continue;
+        }
         let inverse: Vec<f32> = factors.iter().map(|f| 1.0 / f).collect();
         changes.push((source_node.input[1].clone(), 0, inverse.clone()));
         if let Some(bias) = source_node.input.get(2) {
@@ -609,19 +621,23 @@ pub struct QuantizeSummary {
     pub convs_kept_f32: Vec<String>,
     /// Quantised convolutions that read an int8 value which another quantised
     /// convolution already needed (a shared `QuantizeLinear`) or wrote (`QLinearConv`).
+    /// The runtime's int8 operator quantises a shared input again for each reader.
     pub int8_links: usize,
     /// Quantised values whose channels [`equalize_inputs`] rescaled.
     pub inputs_equalized: usize,
     pub calibration_frames: usize,
 }
 
-/// Rewrites the quantised Conv nodes as `QuantizeLinear -> QLinearConv ->
-/// DequantizeLinear` with the calibrated ranges.
+/// Rewrites the quantised Conv nodes with the calibrated ranges, as `QuantizeLinear ->
+/// QLinearConv` or `QuantizeLinear -> ConvInteger -> Cast -> Mul (-> Add)` (see the
+/// module documentation).
 ///
 /// With `correct_bias`, each convolution's bias gets the difference between the mean
 /// output of the f32 convolution and that of the quantised one on the calibration frames,
 /// so that quantisation does not shift the outputs on average. Both means come from the
 /// channel means of the input before and after quantisation, leaving out border effects.
+/// NOTE: counting every tap as inside the image overstates the correction of the outer
+/// kernel rows where the dilation is large against the height (16 at 32 rows in level 3).
 fn rewrite(
     model: &mut pb::ModelProto,
     convs: &[usize],
@@ -825,6 +841,11 @@ pub fn quantize_model(
         frames.len()
     );
     let mut stats = calibrate(&model, &values, frames, convention, None)?;
+    ensure!(
+        (0.0..=1.0).contains(&options.equalize),
+        "--equalize {} is invalid: use 0 (off) to 1",
+        options.equalize
+    );
     let equalized = if options.equalize > 0.0 {
         let count = equalize_inputs(&mut model, &convs, &stats, options.equalize)?;
         stats = calibrate(&model, &values, frames, convention, None)?;
