@@ -156,9 +156,11 @@ impl Simd {
         supported
     }
 
-    /// Returns the best instruction set this CPU supports.
+    /// Returns the best instruction set this CPU supports, detected once and kept because
+    /// the kernels ask on every run.
     pub fn best() -> Simd {
-        Simd::supported()[0]
+        static BEST: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| Simd::supported()[0])
     }
 
     /// Returns the name used in logs and tests.

@@ -216,7 +216,7 @@ impl QConv3x3 {
         if height == 0 || width == 0 {
             return;
         }
-        self.run_with(input, height, width, output, Kernel::supported()[0]);
+        self.run_with(input, height, width, output, Kernel::best());
     }
 
     fn run_with(
@@ -546,6 +546,12 @@ impl Kernel {
         supported
     }
 
+    /// Returns the best kernel of this CPU, detected once, because every run asks.
+    fn best() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| Kernel::supported()[0])
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kernel::Avx512Vnni => "avx512vnni",
@@ -580,7 +586,7 @@ impl Kernel {
 
 /// Returns the name of the kernel this CPU runs, for logs.
 pub fn kernel_name() -> &'static str {
-    Kernel::supported()[0].name()
+    Kernel::best().name()
 }
 
 /// Computes the output columns from `start` on, portably, 16 columns at a time in
