@@ -9,6 +9,8 @@
 //! MODEL replaces the default bundle's model of that kind, for comparing exports of the
 //! same network. It must have the bundle's input, logits and tap names.
 //!
+//! `DAAIN_PROFILE_THREADS=N` runs tract on N threads (default 1).
+//!
 //! `DAAIN_PRELU_FUSION=off` profiles tract's own lowering of PRelu instead of the fused
 //! operator, and `DAAIN_DECONV_FUSION=off` tract's own transposed convolution instead of
 //! the one-pass 2x2 operator.
@@ -43,6 +45,12 @@ fn main() -> Result<()> {
     };
 
     let model = args.next().map(PathBuf::from);
+    let threads: usize = match std::env::var("DAAIN_PROFILE_THREADS") {
+        Err(_) => 1,
+        Ok(text) => text.parse().with_context(|| {
+            format!("invalid DAAIN_PROFILE_THREADS {text:?}: pass a positive integer")
+        })?,
+    };
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let bundle = Bundle::open(&root.join("models/default"))?;
@@ -60,12 +68,12 @@ fn main() -> Result<()> {
             input_width: manifest.input.width,
             logits: manifest.backbone.logits.clone(),
             dim: manifest.flow.dim,
-            threads: 1,
+            threads,
             mask_sha256: manifest.mask.file.sha256.clone(),
             flow_sha256: manifest.flow.file.sha256.clone(),
         })?)
     } else {
-        let mut spec = BackboneSpec::from_bundle(&bundle, precision, 1)?;
+        let mut spec = BackboneSpec::from_bundle(&bundle, precision, threads)?;
         if let Some(path) = model {
             spec.path = path;
         }
@@ -97,7 +105,7 @@ fn main() -> Result<()> {
     let mut rows: Vec<_> = totals.into_iter().collect();
     rows.sort_by(|a, b| b.1.cmp(&a.1));
     println!(
-        "{kind} model, {runs} runs, {:.1} ms per run summed over nodes",
+        "{kind} model, {threads} thread(s), {runs} runs, {:.1} ms per run summed over nodes",
         sum.as_secs_f64() * 1e3 / runs as f64
     );
     for (operator, time) in rows {

@@ -9,6 +9,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use anyhow::Context;
+
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
 use tract_onnx::tract_core::tract_linalg::multithread::Executor;
@@ -145,18 +147,32 @@ pub struct KernelSummary {
     pub portable_matmul_kernels: std::collections::BTreeSet<String>,
 }
 
-/// Makes an optimised model runnable, with its matrix multiplications on `threads`
-/// threads (1 or 0: the calling thread).
-pub(crate) fn runnable(typed: TypedModel, threads: usize) -> TractResult<Arc<TypedRunnableModel>> {
-    if threads > 1 {
-        let options = RunOptions {
-            executor: Some(Executor::multithread(threads)),
-            ..Default::default()
-        };
-        typed.into_runnable_with_options(&options)
-    } else {
-        typed.into_runnable()
+/// Makes an optimised model runnable, on `threads` threads (1 or 0: the calling thread).
+///
+/// With more than one thread it also returns the rayon pool that tract and the rewritten
+/// operators split their work over. [`PlanRunner`] runs the whole plan on that pool, so
+/// `threads` threads work in all. Had the plan run on the calling thread, as tract does by
+/// default, that thread would compete for the cores with the pool's workers, which keep
+/// spinning for a while after each parallel operator; on two cores, two threads were
+/// slower than one.
+pub(crate) fn runnable(
+    typed: TypedModel,
+    threads: usize,
+) -> anyhow::Result<(Arc<TypedRunnableModel>, Option<Arc<rayon::ThreadPool>>)> {
+    if threads <= 1 {
+        return Ok((typed.into_runnable()?, None));
     }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|index| format!("daain-tract-{index}"))
+        .build()
+        .with_context(|| format!("failed to start {threads} threads for the plan"))?;
+    let pool = Arc::new(pool);
+    let options = RunOptions {
+        executor: Some(Executor::MultiThread(pool.clone())),
+        ..Default::default()
+    };
+    Ok((typed.into_runnable_with_options(&options)?, Some(pool)))
 }
 
 impl KernelSummary {
@@ -216,6 +232,8 @@ pub struct BackboneOutput {
 /// live as long as the plan, so that a run allocates only what tract allocates itself.
 pub(crate) struct PlanRunner {
     state: TypedSimpleState,
+    /// The pool the plan runs on when it has more than one thread.
+    pool: Option<Arc<rayon::ThreadPool>>,
     /// The input, shared with the plan during a run and written in place between runs.
     input: Arc<Tensor>,
     input_shape: [usize; 4],
@@ -223,13 +241,14 @@ pub(crate) struct PlanRunner {
 
 impl PlanRunner {
     pub(crate) fn new(
-        plan: Arc<TypedRunnableModel>,
+        (plan, pool): (Arc<TypedRunnableModel>, Option<Arc<rayon::ThreadPool>>),
         input_shape: [usize; 4],
     ) -> anyhow::Result<Self> {
         let state = TypedSimpleState::new(&plan)?;
         let input = Arc::new(Tensor::zero::<f32>(&input_shape)?);
         Ok(Self {
             state,
+            pool,
             input,
             input_shape,
         })
@@ -264,27 +283,38 @@ impl PlanRunner {
         &mut self,
     ) -> anyhow::Result<std::collections::BTreeMap<String, std::time::Duration>> {
         let mut totals = std::collections::BTreeMap::<String, std::time::Duration>::new();
-        let _scope = crate::exec_scope::ScopeGuard::tract();
         let input = tvec!(TValue::from_const(self.input.clone()));
-        let result = self
-            .state
-            .run_plan_with_eval(input, |context, state, node, inputs| {
+        let result = self.on_pool(|state| {
+            state.run_plan_with_eval(input, |context, state, node, inputs| {
                 let start = std::time::Instant::now();
                 let outputs = tract_onnx::tract_core::plan::eval(context, state, node, inputs);
                 *totals.entry(node.op().name().to_string()).or_default() += start.elapsed();
                 outputs
-            });
+            })
+        });
         self.clear_after_failure(result)?;
         Ok(totals)
     }
 
     /// Runs the plan on the current input.
     pub(crate) fn run(&mut self) -> anyhow::Result<TVec<TValue>> {
-        let _scope = crate::exec_scope::ScopeGuard::tract();
-        let result = self
-            .state
-            .run(tvec!(TValue::from_const(self.input.clone())));
+        let input = tvec!(TValue::from_const(self.input.clone()));
+        let result = self.on_pool(|state| state.run(input));
         self.clear_after_failure(result)
+    }
+
+    /// Calls `f` with the state, marked as tract's execution, on one of the pool's threads
+    /// when there is a pool and on this thread otherwise.
+    fn on_pool<R: Send>(&mut self, f: impl FnOnce(&mut TypedSimpleState) -> R + Send) -> R {
+        let state = &mut self.state;
+        let marked = move || {
+            let _scope = crate::exec_scope::ScopeGuard::tract();
+            f(state)
+        };
+        match &self.pool {
+            Some(pool) => pool.install(marked),
+            None => marked(),
+        }
     }
 
     /// Passes `result` through. On failure it also drops the values that the failed run
@@ -394,7 +424,8 @@ impl Backbone {
         }
         model.select_outputs_by_name(&outputs).map_err(load_error)?;
 
-        let typed = model.into_optimized().map_err(load_error)?;
+        let mut typed = model.into_optimized().map_err(load_error)?;
+        rewrites.apply_typed(&mut typed).map_err(load_error)?;
         let mut shapes = Vec::with_capacity(outputs.len());
         for ix in 0..outputs.len() {
             let fact = typed.output_fact(ix).map_err(load_error)?;

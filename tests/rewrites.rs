@@ -127,6 +127,22 @@ fn compare(precision: BackbonePrecision, threads: usize) {
         "{:?}",
         rewritten.kernels()
     );
+    // The additions and concatenations of the ESP blocks' branches, and those of the
+    // decoder, as operators that split rows among the threads.
+    assert_eq!(
+        operators(&rewritten, "BandAdd"),
+        49,
+        "{:?}",
+        rewritten.kernels()
+    );
+    assert_eq!(
+        operators(&rewritten, "BandConcat"),
+        18,
+        "{:?}",
+        rewritten.kernels()
+    );
+    assert_eq!(operators(&plain, "BandAdd"), 0);
+    assert_eq!(operators(&plain, "BandConcat"), 0);
     assert_eq!(operators(&plain, "Deconv2x2"), 0);
     assert_eq!(operators(&plain, "Conv3x3"), 0);
     assert_eq!(operators(&plain, "AffinePRelu"), 0);
@@ -176,7 +192,8 @@ fn rewritten_f32_backbone_equals_tract_lowering() {
     compare(BackbonePrecision::F32, 1);
 }
 
-/// On two threads the rewritten operators split their output channels across tract's pool.
+/// On two threads the rewritten operators split the rows of their outputs across tract's
+/// pool.
 #[test]
 fn rewritten_f32_backbone_on_two_threads() {
     compare(BackbonePrecision::F32, 2);
@@ -185,4 +202,9 @@ fn rewritten_f32_backbone_on_two_threads() {
 #[test]
 fn rewritten_int8_backbone_equals_tract_lowering() {
     compare(BackbonePrecision::Int8, 1);
+}
+
+#[test]
+fn rewritten_int8_backbone_on_two_threads() {
+    compare(BackbonePrecision::Int8, 2);
 }

@@ -169,13 +169,10 @@ impl CombinedPlan {
             )));
         }
         let input_shape = [1, 3, spec.input_height, spec.input_width];
-        let mut model = load_fused_model(
-            &onnx(),
-            &spec.path,
-            input_shape,
-            Rewrites::from_env(),
-            |proto| check_source_hashes(proto, spec),
-        )
+        let rewrites = Rewrites::from_env();
+        let mut model = load_fused_model(&onnx(), &spec.path, input_shape, rewrites, |proto| {
+            check_source_hashes(proto, spec)
+        })
         .map_err(load_error)?;
         let outputs = [
             spec.logits.as_str(),
@@ -192,7 +189,8 @@ impl CombinedPlan {
             }
         }
         model.select_outputs_by_name(&outputs).map_err(load_error)?;
-        let typed = model.into_optimized().map_err(load_error)?;
+        let mut typed = model.into_optimized().map_err(load_error)?;
+        rewrites.apply_typed(&mut typed).map_err(load_error)?;
 
         let mut shapes = Vec::with_capacity(outputs.len());
         for (ix, name) in outputs.iter().enumerate() {

@@ -229,44 +229,31 @@ impl Conv3x3 {
                 scratch.clear();
                 scratch.resize(len, 0.0);
             }
-            for (source, target) in input
-                .chunks_exact(width)
-                .zip(scratch.chunks_exact_mut(stride))
-            {
-                match self.geometry {
-                    Geometry::Dilated(_) => {
-                        target[..d].fill(0.0);
-                        target[d..d + width].copy_from_slice(source);
-                        target[d + width..].fill(0.0);
-                    }
-                    Geometry::Strided => {
-                        let (odd, even) = target.split_at_mut(out_width + 1);
-                        odd.fill(0.0);
-                        even.fill(0.0);
-                        let pairs = source.chunks_exact(2);
-                        if let [last] = pairs.remainder() {
-                            even[width / 2] = *last;
-                        }
-                        for ((pair, even), odd) in pairs.zip(&mut *even).zip(&mut odd[1..]) {
-                            *even = pair[0];
-                            *odd = pair[1];
-                        }
+            // Both passes split rows among the threads, so that each thread mostly reads
+            // the scratch rows it copied itself.
+            let geometry = self.geometry;
+            super::for_each_band(&mut scratch, self.inputs, height, stride, |mut band| {
+                let rows = band.rows();
+                for i in 0..self.inputs {
+                    let source = &input[(i * height + rows.start) * width..][..rows.len() * width];
+                    let targets = band.plane(i).chunks_exact_mut(stride);
+                    for (source, target) in source.chunks_exact(width).zip(targets) {
+                        pad_row(geometry, source, target);
                     }
                 }
-            }
+            });
             let padded = Padded {
                 data: &scratch,
                 height,
                 stride,
             };
+            let blocks = self.outputs.div_ceil(CHANNELS);
             let weights_len = self.inputs * 9 * CHANNELS;
-            // Each block of CHANNELS output channels is a contiguous part of the output.
             // Rows are the outer loop, so that the input rows around row y stay in cache
-            // while every block of a run uses them.
-            super::for_each_run(output, CHANNELS * plane, |first, run| {
-                for y in 0..out_height {
-                    for (index, block) in run.chunks_mut(CHANNELS * plane).enumerate() {
-                        let block_index = first + index;
+            // while every block uses them.
+            super::for_each_band(output, self.outputs, out_height, out_width, |mut band| {
+                for y in band.rows() {
+                    for block_index in 0..blocks {
                         let weights = &self.packed[block_index * weights_len..][..weights_len];
                         let mut bias = [0.0; CHANNELS];
                         for (j, b) in bias.iter_mut().enumerate() {
@@ -277,10 +264,8 @@ impl Conv3x3 {
                                 .unwrap_or(0.0);
                         }
                         // Channels past the last one keep empty rows and are not stored.
-                        let mut rows: [&mut [f32]; CHANNELS] = Default::default();
-                        for (row, channel) in rows.iter_mut().zip(block.chunks_exact_mut(plane)) {
-                            *row = &mut channel[y * out_width..(y + 1) * out_width];
-                        }
+                        let mut rows: [&mut [f32]; CHANNELS] =
+                            band.planes_row(block_index * CHANNELS, y);
                         let job = Job {
                             padded: &padded,
                             weights,
@@ -303,6 +288,34 @@ impl Conv3x3 {
                 }
             });
         });
+    }
+}
+
+/// Copies one input row into its padded scratch row: with `dilation` zeros on both sides,
+/// or for stride 2 as `[0, odd columns | even columns, 0...]`, so that each tap reads
+/// consecutive values.
+fn pad_row(geometry: Geometry, source: &[f32], target: &mut [f32]) {
+    let width = source.len();
+    match geometry {
+        Geometry::Dilated(d) => {
+            target[..d].fill(0.0);
+            target[d..d + width].copy_from_slice(source);
+            target[d + width..].fill(0.0);
+        }
+        Geometry::Strided => {
+            let out_width = geometry.output_size(width);
+            let (odd, even) = target.split_at_mut(out_width + 1);
+            odd.fill(0.0);
+            even.fill(0.0);
+            let pairs = source.chunks_exact(2);
+            if let [last] = pairs.remainder() {
+                even[width / 2] = *last;
+            }
+            for ((pair, even), odd) in pairs.zip(&mut *even).zip(&mut odd[1..]) {
+                *even = pair[0];
+                *odd = pair[1];
+            }
+        }
     }
 }
 

@@ -109,24 +109,24 @@ impl Deconv2x2 {
             "deconv output length"
         );
         let out_width = 2 * width;
-        // Input row y of every channel stays in cache while the output channels of a run
-        // use it, so rows are the outer loop.
-        super::for_each_run(output, 4 * plane, |first, run| {
-            for y in 0..height {
+        // Input row y of every channel stays in cache while the output channels use it,
+        // so rows are the outer loop. Bands of input rows, each the two output rows it
+        // makes, go to tract's threads.
+        super::for_each_band(output, self.outputs, height, 2 * out_width, |mut band| {
+            for y in band.rows() {
                 let row = Row {
                     input,
                     plane,
                     offset: y * width,
                     width,
                 };
-                for (index, channel) in run.chunks_exact_mut(4 * plane).enumerate() {
-                    let o = first + index;
+                for o in 0..self.outputs {
                     let taps = &self.taps[o * 4 * self.inputs..(o + 1) * 4 * self.inputs];
                     let (w00, rest) = taps.split_at(self.inputs);
                     let (w01, rest) = rest.split_at(self.inputs);
                     let (w10, w11) = rest.split_at(self.inputs);
                     let weights = [w00, w01, w10, w11];
-                    let rows = &mut channel[2 * y * out_width..(2 * y + 2) * out_width];
+                    let [rows] = band.planes_row(o, y);
                     let (top, bottom) = rows.split_at_mut(out_width);
                     let done = match vector {
                         // SAFETY: `vector_rows` returned the kernel only if the CPU

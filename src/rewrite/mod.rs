@@ -9,6 +9,10 @@
 //! | [`deconv`] | 2x2 stride-2 `ConvTranspose` (matmul + `DeconvSum`) | about a tenth (f32) |
 //! | [`conv3x3`] | 3x3 `Conv` of stride 1 or 2 (`DirectSpatialConv`, im2col + matmul) | about half (f32) |
 //! | [`qconv3x3`] | int8 3x3 `QuantizeLinear -> ConvInteger -> Cast -> Mul (-> Add)` | most (int8) |
+//!
+//! [`bands`] then replaces tract's additions and channel concatenations in the optimised
+//! plan, so that on several threads every operator splits the rows of a tensor the same
+//! way.
 
 use std::collections::HashMap;
 
@@ -16,6 +20,7 @@ use anyhow::Context;
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
+pub mod bands;
 pub mod conv3x3;
 pub mod deconv;
 pub mod prelu;
@@ -32,6 +37,9 @@ pub struct Rewrites {
     pub conv3x3: bool,
     /// Each int8 3x3 convolution with its rescaling to f32 as one pass ([`qconv3x3`]).
     pub qconv3x3: bool,
+    /// tract's additions and channel concatenations of NCHW tensors in the optimised plan
+    /// replaced by operators that split rows among the threads as the others ([`bands`]).
+    pub bands: bool,
 }
 
 impl Rewrites {
@@ -41,6 +49,7 @@ impl Rewrites {
         deconv: true,
         conv3x3: true,
         qconv3x3: true,
+        bands: true,
     };
     /// The model as tract lowers it by itself.
     pub const NONE: Rewrites = Rewrites {
@@ -48,11 +57,12 @@ impl Rewrites {
         deconv: false,
         conv3x3: false,
         qconv3x3: false,
+        bands: false,
     };
 
     /// Returns every rewrite except those turned off with `DAAIN_PRELU_FUSION=off`,
-    /// `DAAIN_DECONV_FUSION=off`, `DAAIN_CONV3X3_FUSION=off` or `DAAIN_QCONV3X3_FUSION=off`,
-    /// for benchmarks and profiles of tract's own lowering.
+    /// `DAAIN_DECONV_FUSION=off`, `DAAIN_CONV3X3_FUSION=off`, `DAAIN_QCONV3X3_FUSION=off` or
+    /// `DAAIN_BAND_OPS=off`, for benchmarks and profiles of tract's own lowering.
     pub fn from_env() -> Rewrites {
         let on = |name: &str| std::env::var(name).map_or(true, |v| v != "off");
         Rewrites {
@@ -60,6 +70,7 @@ impl Rewrites {
             deconv: on("DAAIN_DECONV_FUSION"),
             conv3x3: on("DAAIN_CONV3X3_FUSION"),
             qconv3x3: on("DAAIN_QCONV3X3_FUSION"),
+            bands: on("DAAIN_BAND_OPS"),
         }
     }
 
@@ -103,6 +114,17 @@ impl Rewrites {
                 );
             }
         }
+    }
+}
+
+impl Rewrites {
+    /// Applies the chosen rewrites of the optimised plan, after those of the ONNX graph.
+    pub fn apply_typed(&self, model: &mut TypedModel) -> TractResult<()> {
+        if self.bands {
+            let (adds, concats) = bands::replace_band_ops(model)?;
+            log::debug!("replaced {adds} additions and {concats} concatenations by band operators");
+        }
+        Ok(())
     }
 }
 
@@ -174,36 +196,130 @@ impl Simd {
     }
 }
 
-/// Splits `data`, a sequence of units of `unit_len` values each, into one run of whole
-/// units per thread of tract's pool, or one run when the plan has one thread. Calls `f`
-/// with the index of each run's first unit and the run. Runs go to the pool's threads in
-/// parallel, so each must be independent of the others.
-pub(crate) fn for_each_run(
-    data: &mut [f32],
-    unit_len: usize,
-    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+/// Returns the number of threads of tract's pool for the running plan (1 without one).
+fn pool_threads() -> usize {
+    use tract_linalg::multithread::{current_tract_executor, Executor};
+
+    match current_tract_executor() {
+        Executor::MultiThread(pool) => pool.current_num_threads().max(1),
+        Executor::RayonGlobal => rayon::current_num_threads().max(1),
+        _ => 1,
+    }
+}
+
+/// Rows `rows` of every plane of a tensor laid out `[planes][height][row_len]`, for one
+/// thread to write. [`for_each_band`] gives each thread a band of rows of its own.
+pub(crate) struct Band<'a, T> {
+    base: *mut T,
+    planes: usize,
+    height: usize,
+    row_len: usize,
+    rows: std::ops::Range<usize>,
+    data: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: a band only reaches its own rows, which no other band reaches, and `T: Send`.
+unsafe impl<T: Send> Send for Band<'_, T> {}
+
+impl<T> Band<'_, T> {
+    /// Returns the band's rows.
+    pub(crate) fn rows(&self) -> std::ops::Range<usize> {
+        self.rows.clone()
+    }
+
+    /// Returns the band's rows of plane `plane`, which are consecutive in memory.
+    ///
+    /// # Panics
+    /// If `plane` is past the last plane.
+    pub(crate) fn plane(&mut self, plane: usize) -> &mut [T] {
+        assert!(plane < self.planes, "plane {plane} of {}", self.planes);
+        let start = (plane * self.height + self.rows.start) * self.row_len;
+        let len = self.rows.len() * self.row_len;
+        // SAFETY: as in `planes_row`, for the rows of one plane.
+        unsafe { std::slice::from_raw_parts_mut(self.base.add(start), len) }
+    }
+
+    /// Returns row `y` of the planes `first..first + N`; planes past the last are empty.
+    ///
+    /// # Panics
+    /// If `y` is not one of the band's rows.
+    pub(crate) fn planes_row<const N: usize>(&mut self, first: usize, y: usize) -> [&mut [T]; N] {
+        assert!(
+            self.rows.contains(&y),
+            "row {y} outside the band {:?}",
+            self.rows
+        );
+        std::array::from_fn(|j| {
+            let plane = first + j;
+            if plane >= self.planes {
+                return Default::default();
+            }
+            let start = (plane * self.height + y) * self.row_len;
+            // SAFETY: `for_each_band` checked that `base` holds `planes * height * row_len`
+            // values, so the row is in bounds; the N planes are distinct, so the rows are
+            // disjoint; no other band has row y, and the returned rows borrow the band
+            // mutably, so nothing else reaches them while they live.
+            unsafe { std::slice::from_raw_parts_mut(self.base.add(start), self.row_len) }
+        })
+    }
+}
+
+/// Raw base pointer shared by the bands of one call.
+struct Base<T>(*mut T);
+
+impl<T> Base<T> {
+    /// Returns the pointer. A method, so that closures capture the whole `Base`, which is
+    /// `Sync`, rather than its pointer field, which is not.
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+// SAFETY: the bands made from it reach disjoint rows, see `Band`.
+unsafe impl<T: Send> Sync for Base<T> {}
+
+/// Splits the rows of `data`, laid out `[planes][height][row_len]`, into one band of
+/// consecutive rows per thread of tract's pool, or one band when the plan has one thread,
+/// and calls `f` with each band, in parallel. Splitting rows rather than planes keeps the
+/// threads even when there are few planes or blocks of planes.
+pub(crate) fn for_each_band<T: Send>(
+    data: &mut [T],
+    planes: usize,
+    height: usize,
+    row_len: usize,
+    f: impl Fn(Band<T>) + Sync + Send,
 ) {
     use rayon::prelude::*;
     use tract_linalg::multithread::{current_tract_executor, Executor};
 
-    let units = data.len().div_ceil(unit_len.max(1));
-    let split = |threads: usize| units.div_ceil(threads.clamp(1, units.max(1))) * unit_len;
+    assert_eq!(
+        data.len(),
+        planes * height * row_len,
+        "banded tensor length"
+    );
+    let bands = pool_threads().min(height).max(1);
+    let per_band = height.div_ceil(bands);
+    let base = Base(data.as_mut_ptr());
+    let band = |index: usize| Band {
+        base: base.get(),
+        planes,
+        height,
+        row_len,
+        rows: (index * per_band).min(height)..((index + 1) * per_band).min(height),
+        data: std::marker::PhantomData,
+    };
+    if bands == 1 {
+        return f(band(0));
+    }
+    // Band i always goes to the pool's thread i, so that an operator finds the rows that
+    // the one before it wrote in its own core's cache. With work stealing the bands
+    // landed on either thread, and on this 2-core machine reading the other core's rows
+    // made the operators on two threads slower than on one.
     match current_tract_executor() {
-        Executor::MultiThread(pool) if pool.current_num_threads() > 1 => {
-            let len = split(pool.current_num_threads());
-            pool.install(|| {
-                data.par_chunks_mut(len)
-                    .enumerate()
-                    .for_each(|(index, run)| f(index * len / unit_len, run))
-            })
+        Executor::MultiThread(pool) => {
+            pool.install(|| (0..bands).into_par_iter().for_each(|index| f(band(index))))
         }
-        Executor::RayonGlobal => {
-            let len = split(rayon::current_num_threads());
-            data.par_chunks_mut(len)
-                .enumerate()
-                .for_each(|(index, run)| f(index * len / unit_len, run))
-        }
-        _ => f(0, data),
+        _ => (0..bands).into_par_iter().for_each(|index| f(band(index))),
     }
 }
 

@@ -46,19 +46,18 @@ impl PartialEq for AffinePRelu {
 impl Eq for AffinePRelu {}
 
 impl AffinePRelu {
-    fn apply(&self, data: &mut [f32], channels: usize) {
-        let plane = data.len() / channels;
-        if plane == 0 {
+    fn apply(&self, data: &mut [f32], channels: usize, height: usize) {
+        let width = data.len() / (channels * height).max(1);
+        if width == 0 {
             return;
         }
-        // Channels are independent, so runs of them go to tract's threads.
-        super::for_each_run(data, plane, |first, run| {
-            for (index, values) in run.chunks_exact_mut(plane).enumerate() {
-                let c = first + index;
+        // Bands of rows go to tract's threads, split as the convolutions split theirs.
+        super::for_each_band(data, channels, height, width, |mut band| {
+            for c in 0..channels {
                 let (scale, bias, slope) = (self.scale[c], self.bias[c], self.slope[c]);
-                for v in values.iter_mut() {
-                    let y = scale * *v + bias;
-                    *v = if y > 0.0 { y } else { slope * y };
+                for v in band.plane(c) {
+                    let a = scale * *v + bias;
+                    *v = if a > 0.0 { a } else { slope * a };
                 }
             }
         });
@@ -89,7 +88,7 @@ impl EvalOp for AffinePRelu {
             self.slope.len()
         );
         let mut view = tensor.try_as_plain_ram_mut()?;
-        self.apply(view.as_slice_mut::<f32>()?, shape[1]);
+        self.apply(view.as_slice_mut::<f32>()?, shape[1], shape[2]);
         Ok(tvec!(tensor.into_tvalue()))
     }
 }

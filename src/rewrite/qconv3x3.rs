@@ -243,68 +243,30 @@ impl QConv3x3 {
             let words = groups * height * stride;
             scratch.clear();
             scratch.resize(words * LANES, padding);
-            let (fill, vector) = (kernel.fill(), kernel.rows());
-            for g in 0..groups {
-                for y in 0..height {
-                    let start = ((g * height + y) * stride + d) * LANES;
-                    let target = &mut scratch[start..start + width * LANES];
-                    // The rows of the group's channels; channels past the last keep the
-                    // zero point.
-                    let row = |lane: usize| {
-                        let i = g * LANES + lane;
-                        (i < self.inputs)
-                            .then(|| (i * height + y) * width..(i * height + y + 1) * width)
-                    };
-                    match input {
-                        Input::I8(values) => {
-                            for lane in 0..LANES {
-                                let Some(row) = row(lane) else { continue };
-                                for (t, v) in
-                                    target[lane..].iter_mut().step_by(LANES).zip(&values[row])
-                                {
-                                    *t = (*v as u8) ^ 0x80;
-                                }
-                            }
-                        }
-                        Input::F32(values) => {
-                            let rows =
-                                [row(0), row(1), row(2), row(3)].map(|r| r.map(|r| &values[r]));
-                            let scale = self.quantization.map_or(1.0, |q| q.scale);
-                            let done = match fill {
-                                // SAFETY: `Kernel::supported` listed the kernel, so the CPU
-                                // supports it.
-                                Some(fill) => unsafe {
-                                    fill(&rows, scale, self.zero_point, target)
-                                },
-                                None => 0,
-                            };
-                            let tail = &mut target[done * LANES..];
-                            for (lane, row) in rows.iter().enumerate() {
-                                let Some(row) = row else { continue };
-                                let columns = tail.iter_mut().skip(lane).step_by(LANES);
-                                for (t, v) in columns.zip(&row[done..]) {
-                                    *t = quantize(*v, scale, self.zero_point);
-                                }
-                            }
-                        }
+            // Both passes split rows among the threads, so that each thread mostly reads
+            // the scratch rows it quantised itself.
+            super::for_each_band(&mut scratch, groups, height, stride * LANES, |mut band| {
+                let rows = band.rows();
+                for g in 0..groups {
+                    let targets = band.plane(g).chunks_exact_mut(stride * LANES);
+                    for (y, row) in rows.clone().zip(targets) {
+                        self.fill_row(input, g, y, height, width, kernel.fill(), row);
                     }
                 }
-            }
+            });
             let padded = Padded {
                 data: &scratch,
                 height,
                 stride,
             };
+            let blocks = self.outputs.div_ceil(CHANNELS);
             let weights_len = groups * 9 * CHANNELS;
-            super::for_each_run(output, CHANNELS * plane, |first, run| {
-                for y in 0..height {
-                    for (index, block) in run.chunks_mut(CHANNELS * plane).enumerate() {
-                        let b = first + index;
+            super::for_each_band(output, self.outputs, height, width, |mut band| {
+                for y in band.rows() {
+                    for b in 0..blocks {
                         let weights = &self.packed[b * weights_len..][..weights_len];
-                        let mut rows: [&mut [f32]; CHANNELS] = Default::default();
-                        for (row, channel) in rows.iter_mut().zip(block.chunks_exact_mut(plane)) {
-                            *row = &mut channel[y * width..(y + 1) * width];
-                        }
+                        // Channels past the last one keep empty rows and are not stored.
+                        let mut rows: [&mut [f32]; CHANNELS] = band.planes_row(b * CHANNELS, y);
                         // The zero point times the weights of each kernel row inside the
                         // image, per output channel of the block.
                         let mut offset = [0i32; CHANNELS];
@@ -334,7 +296,7 @@ impl QConv3x3 {
                             scale,
                             bias,
                         };
-                        let done = match vector {
+                        let done = match kernel.rows() {
                             // SAFETY: `Kernel::supported` listed the kernel, so the CPU
                             // supports it.
                             Some(kernel) => unsafe { kernel(&job, &mut rows) },
@@ -345,6 +307,61 @@ impl QConv3x3 {
                 }
             });
         });
+    }
+
+    /// Writes row `y` of the input channels of group `g`, as unsigned bytes, into `row`, a
+    /// padded scratch row whose columns `d..d + width` are the image (the padding already
+    /// holds the zero point).
+    #[allow(clippy::too_many_arguments)]
+    fn fill_row(
+        &self,
+        input: Input,
+        g: usize,
+        y: usize,
+        height: usize,
+        width: usize,
+        fill: Option<FillFn>,
+        row: &mut [u8],
+    ) {
+        let d = self.dilation;
+        let target = &mut row[d * LANES..(d + width) * LANES];
+        // The rows of the group's channels; channels past the last keep the zero point.
+        let source = |lane: usize| {
+            let i = g * LANES + lane;
+            (i < self.inputs).then(|| (i * height + y) * width..(i * height + y + 1) * width)
+        };
+        match input {
+            Input::I8(values) => {
+                for lane in 0..LANES {
+                    let Some(source) = source(lane) else { continue };
+                    for (t, v) in target[lane..]
+                        .iter_mut()
+                        .step_by(LANES)
+                        .zip(&values[source])
+                    {
+                        *t = (*v as u8) ^ 0x80;
+                    }
+                }
+            }
+            Input::F32(values) => {
+                let rows =
+                    [source(0), source(1), source(2), source(3)].map(|r| r.map(|r| &values[r]));
+                let scale = self.quantization.map_or(1.0, |q| q.scale);
+                let done = match fill {
+                    // SAFETY: `Kernel::supported` listed the kernel, so the CPU supports it.
+                    Some(fill) => unsafe { fill(&rows, scale, self.zero_point, target) },
+                    None => 0,
+                };
+                let tail = &mut target[done * LANES..];
+                for (lane, row) in rows.iter().enumerate() {
+                    let Some(row) = row else { continue };
+                    let columns = tail.iter_mut().skip(lane).step_by(LANES);
+                    for (t, v) in columns.zip(&row[done..]) {
+                        *t = quantize(*v, scale, self.zero_point);
+                    }
+                }
+            }
+        }
     }
 }
 
