@@ -425,7 +425,6 @@ impl Backbone {
         model.select_outputs_by_name(&outputs).map_err(load_error)?;
 
         let mut typed = model.into_optimized().map_err(load_error)?;
-        rewrites.apply_typed(&mut typed).map_err(load_error)?;
         let mut shapes = Vec::with_capacity(outputs.len());
         for ix in 0..outputs.len() {
             let fact = typed.output_fact(ix).map_err(load_error)?;
@@ -460,6 +459,8 @@ impl Backbone {
                 }
             }
         }
+        // After the shapes are read: the rewrites may merge the rows of tapped outputs.
+        rewrites.apply_typed(&mut typed).map_err(load_error)?;
         let kernels = KernelSummary::of(&typed);
         let plan = runnable(typed, spec.threads).map_err(load_error)?;
         log::info!(

@@ -1,5 +1,6 @@
 //! Tests the graph rewrites of the backbone loader (fused BatchNorm + PRelu, one-pass 2x2
-//! transposed and 3x3 convolutions) against tract's own lowering of the same ONNX file.
+//! transposed and 3x3 convolutions, the row-banded additions and concatenations) against
+//! tract's own lowering of the same ONNX file.
 //! Both backbones of the shipped bundle run on a real frame of the shipped clip.
 
 mod common;
@@ -121,28 +122,37 @@ fn compare(precision: BackbonePrecision, threads: usize) {
         "{:?}",
         rewritten.kernels()
     );
+    // ESPNet's 20 PRelus: 17 close an ESP block or a concatenation and run with the
+    // additions and the concatenation before them as one operator; the other 3 alone.
     assert_eq!(
         operators(&rewritten, "AffinePRelu"),
-        20,
+        3,
         "{:?}",
         rewritten.kernels()
     );
-    // The additions and concatenations of the ESP blocks' branches, and those of the
-    // decoder, as operators that split rows among the threads.
+    assert_eq!(
+        operators(&rewritten, "ConcatPRelu"),
+        17,
+        "{:?}",
+        rewritten.kernels()
+    );
+    // Every addition is part of a fused block, and the last concatenation feeds a
+    // convolution: it splits rows among the threads as the other operators do.
     assert_eq!(
         operators(&rewritten, "BandAdd"),
-        49,
+        0,
         "{:?}",
         rewritten.kernels()
     );
     assert_eq!(
         operators(&rewritten, "BandConcat"),
-        18,
+        1,
         "{:?}",
         rewritten.kernels()
     );
     assert_eq!(operators(&plain, "BandAdd"), 0);
     assert_eq!(operators(&plain, "BandConcat"), 0);
+    assert_eq!(operators(&plain, "ConcatPRelu"), 0);
     assert_eq!(operators(&plain, "Deconv2x2"), 0);
     assert_eq!(operators(&plain, "Conv3x3"), 0);
     assert_eq!(operators(&plain, "AffinePRelu"), 0);
@@ -207,4 +217,40 @@ fn rewritten_int8_backbone_equals_tract_lowering() {
 #[test]
 fn rewritten_int8_backbone_on_two_threads() {
     compare(BackbonePrecision::Int8, 2);
+}
+
+/// The band operators reorder no arithmetic: with them and without them, on one thread
+/// and on two, every output is the same to the bit.
+#[test]
+fn band_operators_change_no_value() {
+    let bundle = Bundle::open(&repo_path("models/default")).unwrap();
+    let frame = read_clip_frames(&[0]).pop().unwrap();
+    let mut input = vec![0.0; bundle.manifest().input.tensor_len()];
+    Preprocessor::new(bundle.manifest().input.clone())
+        .run(&frame.data, frame.width, frame.height, &mut input)
+        .unwrap();
+    let without_bands = Rewrites {
+        bands: false,
+        ..Rewrites::ALL
+    };
+    for precision in [BackbonePrecision::F32, BackbonePrecision::Int8] {
+        let mut reference = load(&bundle, precision, 1, without_bands);
+        assert_eq!(reference.kernels().operator_count("ConcatPRelu"), 0);
+        let expected = outputs(&reference.run(&input).unwrap());
+        for threads in [1, 2] {
+            let mut banded = load(&bundle, precision, threads, Rewrites::ALL);
+            assert!(banded.kernels().operator_count("ConcatPRelu") > 0);
+            let actual = outputs(&banded.run(&input).unwrap());
+            for (index, (expected, actual)) in expected.iter().zip(&actual).enumerate() {
+                let same = expected
+                    .iter()
+                    .zip(actual)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{precision} output {index} on {threads} thread(s) differs"
+                );
+            }
+        }
+    }
 }

@@ -15,10 +15,14 @@
 //! Unlike the other rewrites, these replace operators of the optimised tract plan, where
 //! the shapes are known, rather than nodes of the ONNX graph.
 
+use anyhow::Context;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{DimLike, EvalContext, EvalOp, Op, StaticName, TypedOp};
 use tract_onnx::tract_core::ops::array::TypedConcat;
 use tract_onnx::tract_core::ops::binary::OptBinUnicast;
+use tract_onnx::tract_core::ops::change_axes::IntoShape;
+
+use super::prelu::AffinePRelu;
 
 /// `a + b` for two f32 tensors of the same shape `[1, C, H, W]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,9 +45,20 @@ fn nchw(fact: &TypedFact) -> Option<[usize; 3]> {
     (dims[0] == 1).then_some([dims[1], dims[2], dims[3]])
 }
 
-/// Replaces each f32 `Add` of two tensors of the same NCHW shape by [`BandAdd`] and each
-/// channel `Concat` of f32 NCHW tensors of the same size by [`BandConcat`] in an optimised
-/// plan. Returns the number of additions and concatenations replaced.
+/// A reshape of an f32 `[1, C, H, W]` tensor, such as the `[1, C, H * W]` that tract's
+/// matrix multiplication reads for a 1x1 convolution. Like tract's `IntoShape` it only
+/// relabels the tensor when the plan holds the only reference to it. When another node
+/// still reads it, as the residual input of the next block does, tract copied it on the
+/// plan's thread; this copies it in bands of rows, as its producer wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BandReshape {
+    dims: TVec<usize>,
+}
+
+/// Replaces each f32 `Add` of two tensors of the same NCHW shape by [`BandAdd`], each
+/// channel `Concat` of f32 NCHW tensors of the same size by [`BandConcat`] and each
+/// reshape of an f32 NCHW tensor by [`BandReshape`] in an optimised plan. Returns the
+/// number of additions and concatenations replaced.
 pub fn replace_band_ops(model: &mut TypedModel) -> TractResult<(usize, usize)> {
     let (mut adds, mut concats) = (0, 0);
     for id in 0..model.nodes().len() {
@@ -64,7 +79,15 @@ pub fn replace_band_ops(model: &mut TypedModel) -> TractResult<(usize, usize)> {
         let is_concat = node.op_as::<TypedConcat>().is_some_and(|op| op.axis == 1)
             && !shapes.is_empty()
             && shapes.iter().all(|s| s[1..] == shapes[0][1..]);
-        if is_add {
+        let reshape = node
+            .op_as::<IntoShape>()
+            .filter(|op| shapes.len() == 1 && op.dims.iter().product::<usize>() == op.len)
+            .map(|op| BandReshape {
+                dims: op.dims.clone(),
+            });
+        if let Some(reshape) = reshape {
+            model.node_mut(id).op = Box::new(reshape);
+        } else if is_add {
             model.node_mut(id).op = Box::new(BandAdd);
             adds += 1;
         } else if is_concat {
@@ -73,6 +96,242 @@ pub fn replace_band_ops(model: &mut TypedModel) -> TractResult<(usize, usize)> {
         }
     }
     Ok((adds, concats))
+}
+
+/// The tail of an ESP block in one pass: a channel concatenation whose parts are sums of
+/// inputs, plus an optional residual input, then the per-channel affine map and PRelu.
+///
+/// In ESPNet the parts are the hierarchical sums of the dilated branches (`d1`, `d2`,
+/// `d2 + d4`, `d2 + d4 + d8`, ...), so tract's plan ran three additions, a concatenation,
+/// the residual addition and the PRelu, six passes, where this runs one. Each part's
+/// terms are added left to right, as the additions it replaces did, the residual is
+/// added last and the PRelu is [`AffinePRelu`]'s, so the values are the same to the bit.
+#[derive(Debug, Clone)]
+pub struct ConcatPRelu {
+    /// The output's channel groups in order: the inputs summed for each.
+    parts: Vec<Vec<usize>>,
+    /// Input added to the concatenation before the PRelu.
+    residual: Option<usize>,
+    prelu: AffinePRelu,
+}
+
+/// Values of one channel that [`ConcatPRelu`] sums, adds and maps before the next.
+const CHUNK: usize = 256;
+
+/// Adds `values` into `sum`.
+fn add(sum: &mut [f32], values: &[f32]) {
+    for (s, v) in sum.iter_mut().zip(values) {
+        *s += *v;
+    }
+}
+
+impl PartialEq for ConcatPRelu {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts == other.parts && self.residual == other.residual && self.prelu == other.prelu
+    }
+}
+
+impl Eq for ConcatPRelu {}
+
+impl ConcatPRelu {
+    /// Computes the output, `channels x height x width`, from `inputs`, each with its
+    /// channel count. Every input of a part has that part's channels; the residual has
+    /// all of them.
+    pub fn run(&self, inputs: &[(&[f32], usize)], height: usize, width: usize, output: &mut [f32]) {
+        let channels: usize = self.parts.iter().map(|part| inputs[part[0]].1).sum();
+        let plane = height * width;
+        assert_eq!(output.len(), channels * plane, "concat prelu output length");
+        assert!(
+            inputs.iter().all(|(data, c)| data.len() == c * plane),
+            "concat prelu input lengths"
+        );
+        super::for_each_band(output, channels, height, width, |mut band| {
+            let rows = band.rows();
+            let part_of = |input: usize, c: usize| {
+                let start = c * plane + rows.start * width;
+                &inputs[input].0[start..start + rows.len() * width]
+            };
+            let mut first = 0;
+            for part in &self.parts {
+                for c in 0..inputs[part[0]].1 {
+                    let target = band.plane(first + c);
+                    let residual = self.residual.map(|r| part_of(r, first + c));
+                    // Every pass over a chunk of this size stays in the first-level cache.
+                    // Summing the parts that extend the part before with one running sum
+                    // read less but was slower: it interleaves the stores to four planes.
+                    for (index, chunk) in target.chunks_mut(CHUNK).enumerate() {
+                        let at = index * CHUNK..index * CHUNK + chunk.len();
+                        chunk.copy_from_slice(&part_of(part[0], c)[at.clone()]);
+                        for &term in &part[1..] {
+                            add(chunk, &part_of(term, c)[at.clone()]);
+                        }
+                        if let Some(residual) = residual {
+                            for (t, v) in chunk.iter_mut().zip(&residual[at.clone()]) {
+                                *t = *v + *t;
+                            }
+                        }
+                        self.prelu.apply_channel(first + c, chunk);
+                    }
+                }
+                first += inputs[part[0]].1;
+            }
+        });
+    }
+}
+
+/// Replaces each [`AffinePRelu`] that alone reads a [`BandConcat`], or a [`BandAdd`] of a
+/// concatenation and another tensor, by one [`ConcatPRelu`] that also takes in the
+/// additions that only feed the concatenation. Returns the number of replacements.
+pub fn fuse_concat_prelu(model: &mut TypedModel) -> TractResult<usize> {
+    let mut count = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(prelu) = node.op_as::<AffinePRelu>() else {
+            continue;
+        };
+        let Some((inputs, parts, residual)) = match_concat(model, node.inputs[0], id) else {
+            continue;
+        };
+        let op = ConcatPRelu {
+            parts,
+            residual,
+            prelu: prelu.clone(),
+        };
+        if op.prelu.channels() != model.outlet_fact(node.inputs[0])?.shape[1].to_usize()? {
+            continue;
+        }
+        TypedModelPatch::replace_single_op(model, node, &inputs, op)?.apply(model)?;
+        count += 1;
+    }
+    model.compact()?;
+    Ok(count)
+}
+
+/// Lets each [`ConcatPRelu`] that reads a tensor which a [`BandReshape`] also reads take
+/// the reshaped tensor instead, the same values with their rows merged, and makes a plan
+/// output of the tensor an output of the reshape. The reshape is then the tensor's only
+/// reader and relabels it in place instead of copying it. In ESPNet that is the output of
+/// each ESP block, read by the next block's 1x1 convolution (through the reshape), as its
+/// residual, and tapped. The tapped values and their order in memory stay the same; only
+/// the shape of such a plan output becomes `[1, C, H * W]`, so callers must read the
+/// output shapes before this rewrite. Returns the number of inputs and outputs moved.
+pub fn share_reshaped_inputs(model: &mut TypedModel) -> TractResult<usize> {
+    let mut moved = 0;
+    for id in 0..model.nodes().len() {
+        let node = model.node(id);
+        let Some(reshape) = node.op_as::<BandReshape>() else {
+            continue;
+        };
+        let source = node.inputs[0];
+        let Some([channels, height, width]) = nchw(model.outlet_fact(source)?) else {
+            continue;
+        };
+        if *reshape.dims != [1, channels, height * width] {
+            continue;
+        }
+        let others: Vec<InletId> = model.node(source.node).outputs[source.slot]
+            .successors
+            .iter()
+            .copied()
+            .filter(|inlet| inlet.node != id)
+            .collect();
+        let all_fused = others
+            .iter()
+            .all(|inlet| model.node(inlet.node).op_as::<ConcatPRelu>().is_some());
+        if !all_fused {
+            continue;
+        }
+        let reshaped = OutletId::new(id, 0);
+        for inlet in others {
+            model.add_edge(reshaped, inlet)?;
+            moved += 1;
+        }
+        for output in model.outputs.iter_mut().filter(|o| **o == source) {
+            *output = reshaped;
+            moved += 1;
+        }
+        if let Some(label) = model.outlet_labels.remove(&source) {
+            model.set_outlet_label(reshaped, label)?;
+        }
+    }
+    model.compact()?;
+    Ok(moved)
+}
+
+/// The inputs, parts and residual of a [`ConcatPRelu`] that replaces the PRelu `reader`
+/// of `value`, if the pattern matches.
+type Matched = (Vec<OutletId>, Vec<Vec<usize>>, Option<usize>);
+
+fn match_concat(model: &TypedModel, value: OutletId, reader: usize) -> Option<Matched> {
+    // `outlet` is read by `node` alone and is no output of the plan.
+    let only_for = |outlet: OutletId, node: usize| {
+        let successors = &model.node(outlet.node).outputs[outlet.slot].successors;
+        successors.len() == 1 && successors[0].node == node && !model.outputs.contains(&outlet)
+    };
+    let is = |outlet: OutletId, name: &str| model.node(outlet.node).op().name() == name;
+    let (concat, residual) = if is(value, "BandAdd") && only_for(value, reader) {
+        let add = model.node(value.node);
+        let (a, b) = (add.inputs[0], add.inputs[1]);
+        if is(a, "BandConcat") && only_for(a, add.id) {
+            (a, Some(b))
+        } else if is(b, "BandConcat") && only_for(b, add.id) {
+            (b, Some(a))
+        } else {
+            return None;
+        }
+    } else if is(value, "BandConcat") && only_for(value, reader) {
+        (value, None)
+    } else {
+        return None;
+    };
+    // Each part as the terms of a left-to-right sum, taking in the additions whose every
+    // reader is taken in too.
+    let mut absorbed = std::collections::HashSet::new();
+    let mut terms_of = |outlet: OutletId| {
+        let mut terms = Vec::new();
+        let mut current = outlet;
+        while is(current, "BandAdd") && !model.outputs.contains(&current) {
+            let add = model.node(current.node);
+            let (a, b) = (add.inputs[0], add.inputs[1]);
+            // Addition commutes, so the chain may continue through either operand.
+            let (left, right) = if is(b, "BandAdd") && !is(a, "BandAdd") {
+                (b, a)
+            } else {
+                (a, b)
+            };
+            absorbed.insert(current.node);
+            terms.push(right);
+            current = left;
+        }
+        terms.push(current);
+        terms.reverse();
+        terms
+    };
+    let concat_node = model.node(concat.node);
+    let part_terms: Vec<Vec<OutletId>> = concat_node.inputs.iter().map(|&o| terms_of(o)).collect();
+    let contained = absorbed.iter().all(|&add| {
+        model.node(add).outputs[0]
+            .successors
+            .iter()
+            .all(|s| s.node == concat.node || absorbed.contains(&s.node))
+    });
+    if !contained {
+        return None;
+    }
+    let mut inputs: Vec<OutletId> = Vec::new();
+    let mut index = |outlet: OutletId| match inputs.iter().position(|&o| o == outlet) {
+        Some(ix) => ix,
+        None => {
+            inputs.push(outlet);
+            inputs.len() - 1
+        }
+    };
+    let parts = part_terms
+        .iter()
+        .map(|terms| terms.iter().map(|&t| index(t)).collect())
+        .collect();
+    let residual = residual.map(&mut index);
+    Some((inputs, parts, residual))
 }
 
 /// Returns the shape of an f32 tensor `[1, C, H, W]` as `[C, H, W]`.
@@ -213,6 +472,141 @@ impl EvalOp for BandAdd {
 impl TypedOp for BandAdd {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         Ok(tvec!(inputs[0].datum_type.fact(inputs[0].shape.clone())))
+    }
+
+    tract_onnx::tract_core::as_op!();
+}
+
+impl Op for ConcatPRelu {
+    fn name(&self) -> StaticName {
+        "ConcatPRelu".into()
+    }
+
+    tract_onnx::tract_core::op_as_typed_op!();
+}
+
+impl EvalOp for ConcatPRelu {
+    tract_onnx::tract_core::op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        // The size of the first NCHW input; the others may have their rows merged.
+        let [_, height, width] = inputs
+            .iter()
+            .find(|input| input.rank() == 4)
+            .map(|input| nchw_shape("ConcatPRelu", input))
+            .context("ConcatPRelu has no [1, C, H, W] input")??;
+        let shapes = inputs
+            .iter()
+            .map(|input| {
+                let shape = input.shape();
+                let merged = shape.len() == 3 && shape[0] == 1 && shape[2] == height * width;
+                if merged && input.datum_type() == f32::datum_type() {
+                    Ok([shape[1], height, width])
+                } else {
+                    nchw_shape("ConcatPRelu", input)
+                }
+            })
+            .collect::<TractResult<TVec<_>>>()?;
+        anyhow::ensure!(
+            shapes.iter().all(|s| s[1..] == [height, width]),
+            "ConcatPRelu inputs have shapes {shapes:?}, expected one size"
+        );
+        let channels = self.prelu.channels();
+        for part in &self.parts {
+            let c = shapes[part[0]][0];
+            anyhow::ensure!(
+                part.iter().all(|&i| shapes[i][0] == c),
+                "ConcatPRelu part {part:?} sums inputs of shapes {shapes:?}"
+            );
+        }
+        let total: usize = self.parts.iter().map(|part| shapes[part[0]][0]).sum();
+        anyhow::ensure!(
+            total == channels && self.residual.is_none_or(|r| shapes[r][0] == channels),
+            "ConcatPRelu inputs have shapes {shapes:?}, expected {channels} channels"
+        );
+        let views = inputs
+            .iter()
+            .map(|input| input.try_as_plain_ram())
+            .collect::<TractResult<TVec<_>>>()?;
+        let slices = views
+            .iter()
+            .zip(&shapes)
+            .map(|(view, shape)| Ok((view.as_slice::<f32>()?, shape[0])))
+            .collect::<TractResult<TVec<_>>>()?;
+        // SAFETY: `run` writes every value of the output, one channel of a part each.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&[1, channels, height, width])? };
+        {
+            let mut target = output.try_as_plain_ram_mut()?;
+            self.run(&slices, height, width, target.as_slice_mut::<f32>()?);
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for ConcatPRelu {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let first = inputs
+            .iter()
+            .find(|fact| fact.rank() == 4)
+            .context("ConcatPRelu has no [1, C, H, W] input")?;
+        let mut shape: TVec<TDim> = first.shape.iter().cloned().collect();
+        shape[1] = self.prelu.channels().into();
+        Ok(tvec!(inputs[0].datum_type.fact(shape)))
+    }
+
+    tract_onnx::tract_core::as_op!();
+}
+
+impl Op for BandReshape {
+    fn name(&self) -> StaticName {
+        "BandReshape".into()
+    }
+
+    tract_onnx::tract_core::op_as_typed_op!();
+}
+
+impl EvalOp for BandReshape {
+    tract_onnx::tract_core::op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        anyhow::ensure!(
+            inputs.len() == 1,
+            "BandReshape has {} inputs, expected 1",
+            inputs.len()
+        );
+        let input = inputs.into_iter().next().unwrap().into_arc_tensor();
+        let [channels, height, width] = nchw_shape("BandReshape", &input)?;
+        anyhow::ensure!(
+            input.len() == self.dims.iter().product::<usize>(),
+            "BandReshape input has shape {:?}, which does not fit {:?}",
+            input.shape(),
+            self.dims
+        );
+        let output = match Arc::try_unwrap(input) {
+            Ok(tensor) => tensor.into_shape(&self.dims)?,
+            Err(shared) => {
+                // SAFETY: `run` writes every value of the output.
+                let mut output = unsafe { Tensor::uninitialized::<f32>(&self.dims)? };
+                {
+                    let mut target = output.try_as_plain_ram_mut()?;
+                    let source = shared.try_as_plain_ram()?;
+                    BandConcat::run(
+                        &[(source.as_slice::<f32>()?, channels)],
+                        height,
+                        width,
+                        target.as_slice_mut::<f32>()?,
+                    );
+                }
+                output
+            }
+        };
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for BandReshape {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(inputs[0].datum_type.fact(&*self.dims)))
     }
 
     tract_onnx::tract_core::as_op!();

@@ -122,7 +122,13 @@ impl Rewrites {
     pub fn apply_typed(&self, model: &mut TypedModel) -> TractResult<()> {
         if self.bands {
             let (adds, concats) = bands::replace_band_ops(model)?;
-            log::debug!("replaced {adds} additions and {concats} concatenations by band operators");
+            let fused = bands::fuse_concat_prelu(model)?;
+            let shared = bands::share_reshaped_inputs(model)?;
+            log::debug!(
+                "replaced {adds} additions and {concats} concatenations by band operators, \
+                 fused {fused} concatenations with the additions and PRelu around them, and \
+                 moved {shared} of their inputs onto reshapes"
+            );
         }
         Ok(())
     }

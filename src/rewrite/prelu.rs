@@ -54,13 +54,23 @@ impl AffinePRelu {
         // Bands of rows go to tract's threads, split as the convolutions split theirs.
         super::for_each_band(data, channels, height, width, |mut band| {
             for c in 0..channels {
-                let (scale, bias, slope) = (self.scale[c], self.bias[c], self.slope[c]);
-                for v in band.plane(c) {
-                    let a = scale * *v + bias;
-                    *v = if a > 0.0 { a } else { slope * a };
-                }
+                self.apply_channel(c, band.plane(c));
             }
         });
+    }
+
+    /// Returns the number of channels.
+    pub(crate) fn channels(&self) -> usize {
+        self.slope.len()
+    }
+
+    /// Maps `values` of channel `c` in place.
+    pub(crate) fn apply_channel(&self, c: usize, values: &mut [f32]) {
+        let (scale, bias, slope) = (self.scale[c], self.bias[c], self.slope[c]);
+        for v in values {
+            let a = scale * *v + bias;
+            *v = if a > 0.0 { a } else { slope * a };
+        }
     }
 }
 
