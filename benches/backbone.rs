@@ -3,7 +3,8 @@
 //! rewrites (`daain::backbone::Rewrites`): without the BatchNorm+PRelu fusion (tract's
 //! own lowering of PRelu to Mul, Greater and Iff), without the one-pass 2x2 transposed
 //! convolution (tract's matmul and `DeconvSum`), without the 3x3 convolution, and without
-//! any, and int8 without the int8 3x3 convolution (tract's `ConvInteger`). Criterion times
+//! any, int8 without the int8 3x3 convolution (tract's `ConvInteger`), and both on 2
+//! threads without the band operators (tract's Add, Concat and reshape). Criterion times
 //! each variant, and then an interleaved loop (one run of each variant per round, so that load from other processes
 //! hits all of them alike) prints each variant's median as a ratio to f32 on 1 thread.
 //!
@@ -86,6 +87,16 @@ fn backbones(c: &mut Criterion) {
     };
     let backbone = load(&bundle, BackbonePrecision::Int8, 1, tract_int8);
     variants.push(("int8_no_qconv3x3_rewrite".to_string(), backbone));
+    // tract's own additions, concatenations and reshapes on two threads, where the band
+    // operators matter most.
+    let no_bands = Rewrites {
+        bands: false,
+        ..Rewrites::ALL
+    };
+    for precision in [BackbonePrecision::F32, BackbonePrecision::Int8] {
+        let backbone = load(&bundle, precision, 2, no_bands);
+        variants.push((format!("{precision}_2_thread_no_band_ops"), backbone));
+    }
 
     let mut group = c.benchmark_group("backbone");
     group.sample_size(10);
@@ -115,7 +126,7 @@ fn backbones(c: &mut Criterion) {
         .collect();
     println!("interleaved medians over {rounds} rounds, as a ratio to f32 on 1 thread:");
     for ((name, _), median) in variants.iter().zip(&medians) {
-        println!("  {name:22} {median:8.1} ms  {:.2}x", median / medians[0]);
+        println!("  {name:30} {median:8.1} ms  {:.2}x", median / medians[0]);
     }
 }
 

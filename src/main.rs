@@ -113,7 +113,7 @@ fn main() -> ExitCode {
         .target(env_logger::Target::Stderr)
         .init();
     if daain::heap::tune_allocator() {
-        log::debug!("glibc malloc: large blocks stay in the heap between frames");
+        log::debug!("glibc malloc: large blocks stay in the heap between frames, in one arena");
     }
     let cli = Cli::parse();
     let result = match cli.command {

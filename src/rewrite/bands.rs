@@ -12,8 +12,14 @@
 //! [`super::for_each_band`] gives the convolutions, so each thread mostly stays in its own
 //! core's cache.
 //!
+//! [`ConcatPRelu`] then runs the whole tail of an ESP block in one pass, [`BandReshape`]
+//! relabels block outputs for the next 1x1 convolution without copying them, and
+//! [`BandAvgPool`] pools the input image for the blocks that read it again.
+//!
 //! Unlike the other rewrites, these replace operators of the optimised tract plan, where
-//! the shapes are known, rather than nodes of the ONNX graph.
+//! the shapes are known, rather than nodes of the ONNX graph. None of them changes the
+//! order of any floating-point operation, so the plan's values stay the same to the bit;
+//! `tests/rewrites.rs` checks that on the real model.
 
 use anyhow::Context;
 use tract_onnx::prelude::*;
@@ -21,6 +27,8 @@ use tract_onnx::tract_core::internal::{DimLike, EvalContext, EvalOp, Op, StaticN
 use tract_onnx::tract_core::ops::array::TypedConcat;
 use tract_onnx::tract_core::ops::binary::OptBinUnicast;
 use tract_onnx::tract_core::ops::change_axes::IntoShape;
+use tract_onnx::tract_core::ops::cnn::{OptSumPool, PaddingSpec};
+use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::prelu::AffinePRelu;
 
@@ -55,10 +63,155 @@ pub struct BandReshape {
     dims: TVec<usize>,
 }
 
+/// A 2D average pooling of an f32 `[1, C, H, W]` tensor with a square kernel, equal
+/// padding on every side and no dilation, as ESPNet's input reinforcement runs it (3x3,
+/// stride 2, padding 1, padding counted). tract ran it on one thread through its generic
+/// pooling at about 0.6 ms a frame. Each value sums the window's taps inside the image in
+/// row-major order, starting from the same zero, and multiplies the sum by the reciprocal
+/// of the divisor, as tract does, so the values are the same to the bit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BandAvgPool {
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    /// Whether the divisor counts the padding (the whole window) or only the taps inside.
+    count_include_pad: bool,
+}
+
+/// Output columns that [`BandAvgPool`] sums side by side.
+const LANES: usize = 16;
+
+impl BandAvgPool {
+    /// Returns the output size along an axis of `size` input values.
+    fn output_size(&self, size: usize) -> usize {
+        (size + 2 * self.pad).saturating_sub(self.kernel) / self.stride + 1
+    }
+
+    /// Pools `input`, `channels x height x width`, into `output`.
+    pub fn run(
+        &self,
+        input: &[f32],
+        channels: usize,
+        height: usize,
+        width: usize,
+        output: &mut [f32],
+    ) {
+        let (out_height, out_width) = (self.output_size(height), self.output_size(width));
+        assert_eq!(
+            input.len(),
+            channels * height * width,
+            "avgpool input length"
+        );
+        assert_eq!(
+            output.len(),
+            channels * out_height * out_width,
+            "avgpool output length"
+        );
+        // The input rows or columns of output index `o` along an axis of `size` values.
+        let taps = |o: usize, size: usize| {
+            let start = (o * self.stride) as isize - self.pad as isize;
+            let first = start.max(0) as usize;
+            let end = (start + self.kernel as isize).clamp(0, size as isize) as usize;
+            first..end.max(first)
+        };
+        let divisor = |taps: usize| {
+            let count = if self.count_include_pad {
+                self.kernel * self.kernel
+            } else {
+                taps
+            };
+            (count as f32).recip()
+        };
+        // The value a float sum in std starts from, which tract's sums start from too.
+        let zero = std::iter::empty::<f32>().sum::<f32>();
+        // Output columns whose window lies inside the image, computed LANES at a time.
+        let first_inside = self.pad.div_ceil(self.stride);
+        let last_inside = match width + self.pad {
+            reach if reach >= self.kernel => (reach - self.kernel) / self.stride + 1,
+            _ => 0,
+        };
+        let inside = first_inside..last_inside.min(out_width).max(first_inside);
+        super::for_each_band(output, channels, out_height, out_width, |mut band| {
+            for c in 0..channels {
+                let plane = &input[c * height * width..][..height * width];
+                for y in band.rows() {
+                    let [row] = band.planes_row(c, y);
+                    let rows = taps(y, height);
+                    for (x, value) in row.iter_mut().enumerate() {
+                        if inside.contains(&x) {
+                            continue;
+                        }
+                        let columns = taps(x, width);
+                        let sum: f32 = rows
+                            .clone()
+                            .flat_map(|iy| plane[iy * width..][columns.clone()].iter())
+                            .copied()
+                            .sum();
+                        *value = sum * divisor(rows.len() * columns.len());
+                    }
+                    // The same sums, in the same order, for LANES columns side by side.
+                    let scale = divisor(rows.len() * self.kernel);
+                    let mut x = inside.start;
+                    while x < inside.end {
+                        let n = (inside.end - x).min(LANES);
+                        let mut sums = [zero; LANES];
+                        for iy in rows.clone() {
+                            let line = &plane[iy * width..][..width];
+                            for kx in 0..self.kernel {
+                                let start = x * self.stride + kx - self.pad;
+                                let values = line[start..].iter().step_by(self.stride);
+                                for (sum, value) in sums[..n].iter_mut().zip(values) {
+                                    *sum += *value;
+                                }
+                            }
+                        }
+                        for (value, sum) in row[x..x + n].iter_mut().zip(&sums) {
+                            *value = sum * scale;
+                        }
+                        x += n;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Returns the pooling of a tract `OptSumPool` that this operator computes the same
+    /// way, if it is one.
+    fn of(op: &OptSumPool) -> Option<Self> {
+        let spec = &op.pool_spec;
+        let square = |v: &[usize]| (v.len() == 2 && v[0] == v[1]).then_some(v[0]);
+        let kernel = square(&spec.kernel_shape)?;
+        let stride = square(spec.strides.as_deref().unwrap_or(&[1, 1]))?;
+        let dilation = square(spec.dilations.as_deref().unwrap_or(&[1, 1]))?;
+        let pad = match &spec.padding {
+            PaddingSpec::Explicit(before, after)
+            | PaddingSpec::ExplicitOnnxPool(before, after, false) => {
+                let pad = square(before)?;
+                (square(after)? == pad).then_some(pad)?
+            }
+            PaddingSpec::Valid => 0,
+            _ => return None,
+        };
+        let usable = op.normalize
+            && spec.data_format == DataFormat::NCHW
+            && dilation == 1
+            && kernel > 0
+            && stride > 0
+            && pad < kernel;
+        usable.then_some(BandAvgPool {
+            kernel,
+            stride,
+            pad,
+            count_include_pad: op.count_include_pad,
+        })
+    }
+}
+
 /// Replaces each f32 `Add` of two tensors of the same NCHW shape by [`BandAdd`], each
-/// channel `Concat` of f32 NCHW tensors of the same size by [`BandConcat`] and each
-/// reshape of an f32 NCHW tensor by [`BandReshape`] in an optimised plan. Returns the
-/// number of additions and concatenations replaced.
+/// channel `Concat` of f32 NCHW tensors of the same size by [`BandConcat`], each reshape
+/// of an f32 NCHW tensor by [`BandReshape`] and each average pooling that
+/// [`BandAvgPool`] computes alike in an optimised plan. Returns the number of additions
+/// and concatenations replaced.
 pub fn replace_band_ops(model: &mut TypedModel) -> TractResult<(usize, usize)> {
     let (mut adds, mut concats) = (0, 0);
     for id in 0..model.nodes().len() {
@@ -79,6 +232,14 @@ pub fn replace_band_ops(model: &mut TypedModel) -> TractResult<(usize, usize)> {
         let is_concat = node.op_as::<TypedConcat>().is_some_and(|op| op.axis == 1)
             && !shapes.is_empty()
             && shapes.iter().all(|s| s[1..] == shapes[0][1..]);
+        let pool = node
+            .op_as::<OptSumPool>()
+            .filter(|_| shapes.len() == 1)
+            .and_then(BandAvgPool::of);
+        if let Some(pool) = pool {
+            model.node_mut(id).op = Box::new(pool);
+            continue;
+        }
         let reshape = node
             .op_as::<IntoShape>()
             .filter(|op| shapes.len() == 1 && op.dims.iter().product::<usize>() == op.len)
@@ -612,6 +773,70 @@ impl TypedOp for BandReshape {
     tract_onnx::tract_core::as_op!();
 }
 
+impl Op for BandAvgPool {
+    fn name(&self) -> StaticName {
+        "BandAvgPool".into()
+    }
+
+    tract_onnx::tract_core::op_as_typed_op!();
+}
+
+impl EvalOp for BandAvgPool {
+    tract_onnx::tract_core::op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        anyhow::ensure!(
+            inputs.len() == 1,
+            "BandAvgPool has {} inputs, expected 1",
+            inputs.len()
+        );
+        let [channels, height, width] = nchw_shape("BandAvgPool", &inputs[0])?;
+        anyhow::ensure!(
+            height.min(width) + 2 * self.pad >= self.kernel,
+            "BandAvgPool input {height}x{width} with padding {} is smaller than the kernel {}",
+            self.pad,
+            self.kernel
+        );
+        let shape = [
+            1,
+            channels,
+            self.output_size(height),
+            self.output_size(width),
+        ];
+        // SAFETY: `run` writes every value of the output.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        {
+            let source = inputs[0].try_as_plain_ram()?;
+            let mut target = output.try_as_plain_ram_mut()?;
+            self.run(
+                source.as_slice::<f32>()?,
+                channels,
+                height,
+                width,
+                target.as_slice_mut::<f32>()?,
+            );
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for BandAvgPool {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let shape = &inputs[0].shape;
+        anyhow::ensure!(shape.rank() == 4, "BandAvgPool input has shape {shape:?}");
+        let (height, width) = (shape[2].to_usize()?, shape[3].to_usize()?);
+        let dims = [
+            shape[0].to_usize()?,
+            shape[1].to_usize()?,
+            self.output_size(height),
+            self.output_size(width),
+        ];
+        Ok(tvec!(inputs[0].datum_type.fact(dims)))
+    }
+
+    tract_onnx::tract_core::as_op!();
+}
+
 impl Op for BandConcat {
     fn name(&self) -> StaticName {
         "BandConcat".into()
@@ -770,6 +995,46 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn avgpool_matches_the_definition(
+            (channels, height, width, input) in (1usize..4, 1usize..12, 1usize..40)
+                .prop_flat_map(|(c, h, w)| {
+                    (Just(c), Just(h), Just(w), prop::collection::vec(-1e3f32..1e3, c * h * w))
+                }),
+            (kernel, stride, pad) in (1usize..4, 1usize..3, 0usize..3)
+                .prop_filter("padding inside the kernel", |(k, _, p)| p < k),
+            count_include_pad in any::<bool>(),
+        ) {
+            prop_assume!(height.min(width) + 2 * pad >= kernel);
+            let pool = BandAvgPool { kernel, stride, pad, count_include_pad };
+            let (oh, ow) = (pool.output_size(height), pool.output_size(width));
+            let mut output = vec![f32::NAN; channels * oh * ow];
+            on_threads(2, || pool.run(&input, channels, height, width, &mut output));
+            for c in 0..channels {
+                for y in 0..oh {
+                    for x in 0..ow {
+                        // Row-major over the taps inside the image, as tract sums them.
+                        let mut taps = Vec::new();
+                        for ky in 0..kernel {
+                            for kx in 0..kernel {
+                                let iy = (y * stride + ky) as isize - pad as isize;
+                                let ix = (x * stride + kx) as isize - pad as isize;
+                                let inside = (0..height as isize).contains(&iy)
+                                    && (0..width as isize).contains(&ix);
+                                if inside {
+                                    taps.push(input[(c * height + iy as usize) * width + ix as usize]);
+                                }
+                            }
+                        }
+                        let count = if count_include_pad { kernel * kernel } else { taps.len() };
+                        let expected = taps.iter().sum::<f32>() * (count as f32).recip();
+                        let actual = output[(c * oh + y) * ow + x];
+                        prop_assert_eq!(actual.to_bits(), expected.to_bits(), "{} {} {}", c, y, x);
+                    }
+                }
+            }
+        }
+
         #[test]
         fn band_add_adds(
             (channels, height, width, a, b) in (1usize..6, 1usize..9, 1usize..9)

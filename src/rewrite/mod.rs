@@ -10,9 +10,9 @@
 //! | [`conv3x3`] | 3x3 `Conv` of stride 1 or 2 (`DirectSpatialConv`, im2col + matmul) | about half (f32) |
 //! | [`qconv3x3`] | int8 3x3 `QuantizeLinear -> ConvInteger -> Cast -> Mul (-> Add)` | most (int8) |
 //!
-//! [`bands`] then replaces tract's additions and channel concatenations in the optimised
-//! plan, so that on several threads every operator splits the rows of a tensor the same
-//! way.
+//! [`bands`] then replaces tract's additions, channel concatenations, reshapes and average
+//! pooling in the optimised plan, and fuses each ESP block's tail into one operator, so
+//! that on several threads every operator splits the rows of a tensor the same way.
 
 use std::collections::HashMap;
 
@@ -37,8 +37,9 @@ pub struct Rewrites {
     pub conv3x3: bool,
     /// Each int8 3x3 convolution with its rescaling to f32 as one pass ([`qconv3x3`]).
     pub qconv3x3: bool,
-    /// tract's additions and channel concatenations of NCHW tensors in the optimised plan
-    /// replaced by operators that split rows among the threads as the others ([`bands`]).
+    /// tract's additions, channel concatenations, reshapes and average pooling of NCHW
+    /// tensors in the optimised plan replaced by operators that split rows among the
+    /// threads as the others, and each ESP block's tail fused into one ([`bands`]).
     pub bands: bool,
 }
 
