@@ -13,7 +13,7 @@ use anyhow::Context;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
-use tract_onnx::tract_core::tract_linalg::multithread::Executor;
+use tract_onnx::tract_core::tract_linalg::multithread::{multithread_tract_scope, Executor};
 
 use crate::cpu::MatmulKernel;
 use crate::sampling::{TapShape, MAX_TAPS};
@@ -303,6 +303,20 @@ impl PlanRunner {
         self.clear_after_failure(result)
     }
 
+    /// Calls `f` with the input tensor's values, on the pool with tract's executor when
+    /// there is one, so that `f` can split its work with [`crate::rewrite::for_each_band`].
+    pub(crate) fn write_input<R: Send>(&mut self, f: impl FnOnce(&mut [f32]) -> R + Send) -> R {
+        let pool = self.pool.clone();
+        let input = self.input_mut();
+        match pool {
+            Some(pool) => {
+                let executor = Executor::MultiThread(pool.clone());
+                pool.install(|| multithread_tract_scope(executor, || f(input)))
+            }
+            None => f(input),
+        }
+    }
+
     /// Calls `f` with the state, marked as tract's execution, on one of the pool's threads
     /// when there is a pool and on this thread otherwise.
     fn on_pool<R: Send>(&mut self, f: impl FnOnce(&mut TypedSimpleState) -> R + Send) -> R {
@@ -517,6 +531,13 @@ impl Backbone {
     /// [`Backbone::run_in_place`].
     pub fn input_mut(&mut self) -> &mut [f32] {
         self.runner.input_mut()
+    }
+
+    /// Calls `f` with the input tensor's values (CHW, row-major) to write them, on the
+    /// backbone's threads when it has more than one, for work that splits its rows among
+    /// them, such as [`crate::preprocess::Preprocessor::run`].
+    pub fn write_input<R: Send>(&mut self, f: impl FnOnce(&mut [f32]) -> R + Send) -> R {
+        self.runner.write_input(f)
     }
 
     /// Runs the backbone on the values written through [`Backbone::input_mut`].

@@ -75,7 +75,11 @@ impl AxisTable {
             let position = ((i as f64 + 0.5) * ratio - 0.5).max(0.0);
             let low = (position.floor() as usize).min(last);
             let high = (low + 1).min(last);
-            let weight = if low == last { 0.0 } else { (position - low as f64) as f32 };
+            let weight = if low == last {
+                0.0
+            } else {
+                (position - low as f64) as f32
+            };
             table.low.push(low as u32);
             table.high.push(high as u32);
             table.weight.push(weight);
@@ -88,7 +92,12 @@ impl AxisTable {
 #[derive(Debug, thiserror::Error)]
 pub enum PreprocessError {
     #[error("frame of {width}x{height} has {actual} bytes, expected {expected} for packed RGB24")]
-    BufferSize { width: usize, height: usize, actual: usize, expected: usize },
+    BufferSize {
+        width: usize,
+        height: usize,
+        actual: usize,
+        expected: usize,
+    },
     #[error("frame size {width}x{height} is invalid: both sides must be at least 1 pixel")]
     EmptyFrame { width: usize, height: usize },
     #[error("output buffer has {actual} values, expected {expected} (3 x height x width)")]
@@ -166,28 +175,34 @@ impl Preprocessor {
             self.source_size = (width, height);
         }
 
-        let plane = out_h * out_w;
         let stride = width * 3;
-        for y in 0..out_h {
-            let row_low = self.rows.low[y] as usize * stride;
-            let row_high = self.rows.high[y] as usize * stride;
-            let wy = self.rows.weight[y];
-            for x in 0..out_w {
-                let col_low = self.columns.low[x] as usize * 3;
-                let col_high = self.columns.high[x] as usize * 3;
-                let wx = self.columns.weight[x];
-                for (c, &(rgb_index, mean, factor)) in self.channel_map.iter().enumerate() {
-                    let p00 = rgb[row_low + col_low + rgb_index] as f32;
-                    let p01 = rgb[row_low + col_high + rgb_index] as f32;
-                    let p10 = rgb[row_high + col_low + rgb_index] as f32;
-                    let p11 = rgb[row_high + col_high + rgb_index] as f32;
-                    let top = p00 + (p01 - p00) * wx;
-                    let bottom = p10 + (p11 - p10) * wx;
-                    let pixel = top + (bottom - top) * wy;
-                    output[c * plane + y * out_w + x] = (pixel - mean) * factor;
+        let (rows, columns, channel_map) = (&self.rows, &self.columns, &self.channel_map);
+        // Bands of rows go to the threads of tract's pool when the caller runs this on it
+        // (`Backbone::write_input`), and are the rows the first convolution reads there.
+        crate::rewrite::for_each_band(output, 3, out_h, out_w, |mut band| {
+            for y in band.rows() {
+                let row_low = rows.low[y] as usize * stride;
+                let row_high = rows.high[y] as usize * stride;
+                let wy = rows.weight[y];
+                let mut targets: [&mut [f32]; 3] = band.planes_row(0, y);
+                for x in 0..out_w {
+                    let col_low = columns.low[x] as usize * 3;
+                    let col_high = columns.high[x] as usize * 3;
+                    let wx = columns.weight[x];
+                    for (target, &(rgb_index, mean, factor)) in targets.iter_mut().zip(channel_map)
+                    {
+                        let p00 = rgb[row_low + col_low + rgb_index] as f32;
+                        let p01 = rgb[row_low + col_high + rgb_index] as f32;
+                        let p10 = rgb[row_high + col_low + rgb_index] as f32;
+                        let p11 = rgb[row_high + col_high + rgb_index] as f32;
+                        let top = p00 + (p01 - p00) * wx;
+                        let bottom = p10 + (p11 - p10) * wx;
+                        let pixel = top + (bottom - top) * wy;
+                        target[x] = (pixel - mean) * factor;
+                    }
                 }
             }
-        }
+        });
         Ok(())
     }
 }
@@ -220,15 +235,26 @@ mod tests {
         for i in 0..4 {
             let i_f = i as f32;
             assert_eq!(out[i], (200.0 + i_f - 10.0) / 1.0, "blue plane, pixel {i}");
-            assert_eq!(out[4 + i], (50.0 + i_f - 20.0) / 2.0, "green plane, pixel {i}");
-            assert_eq!(out[8 + i], (100.0 + i_f - 30.0) / 4.0, "red plane, pixel {i}");
+            assert_eq!(
+                out[4 + i],
+                (50.0 + i_f - 20.0) / 2.0,
+                "green plane, pixel {i}"
+            );
+            assert_eq!(
+                out[8 + i],
+                (100.0 + i_f - 30.0) / 4.0,
+                "red plane, pixel {i}"
+            );
         }
     }
 
     #[test]
     fn downscale_by_two_averages_pairs() {
         // 4x1 grey ramp 0, 100, 200, 250 resized to 2x1: OpenCV samples at 0.5 and 2.5.
-        let rgb: Vec<u8> = [0u8, 100, 200, 250].iter().flat_map(|&v| [v, v, v]).collect();
+        let rgb: Vec<u8> = [0u8, 100, 200, 250]
+            .iter()
+            .flat_map(|&v| [v, v, v])
+            .collect();
         let mut convention = small_convention(ChannelOrder::Rgb);
         convention.height = 1;
         convention.mean = [0.0; 3];

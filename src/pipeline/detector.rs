@@ -546,11 +546,12 @@ impl<'b> Detector<'b> {
         inspect: impl FnOnce(&[f32]),
     ) -> Result<(), DetectError> {
         let start = Instant::now();
-        let input = match &mut self.stages {
-            Stages::OutOfPlan { backbone, .. } => backbone.input_mut(),
-            Stages::InPlan { plan } => plan.input_mut(),
-        };
-        self.preprocessor.run(rgb, width, height, input)?;
+        let preprocessor = &mut self.preprocessor;
+        let preprocess = |input: &mut [f32]| preprocessor.run(rgb, width, height, input);
+        match &mut self.stages {
+            Stages::OutOfPlan { backbone, .. } => backbone.write_input(preprocess),
+            Stages::InPlan { plan } => plan.write_input(preprocess),
+        }?;
         let preprocessed = Instant::now();
         let ran;
         // Taken before `inspect`, so that the caller's work is not counted as sampling.

@@ -252,6 +252,12 @@ impl CombinedPlan {
         self.runner.input_mut()
     }
 
+    /// Calls `f` with the input tensor's values to write them, on the plan's threads, as
+    /// [`crate::backbone::Backbone::write_input`] does.
+    pub fn write_input<R: Send>(&mut self, f: impl FnOnce(&mut [f32]) -> R + Send) -> R {
+        self.runner.write_input(f)
+    }
+
     /// Runs the plan on the current input, timing every node, and returns the time per
     /// operator name.
     pub fn profile_operators(
