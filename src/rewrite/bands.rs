@@ -326,10 +326,10 @@ impl ConcatPRelu {
                         for &term in &part[1..] {
                             add(chunk, &part_of(term, c)[at.clone()]);
                         }
+                        // tract added the concatenation to the residual; addition
+                        // commutes exactly, so the order of the operands does not matter.
                         if let Some(residual) = residual {
-                            for (t, v) in chunk.iter_mut().zip(&residual[at.clone()]) {
-                                *t = *v + *t;
-                            }
+                            add(chunk, &residual[at.clone()]);
                         }
                         self.prelu.apply_channel(first + c, chunk);
                     }
