@@ -4,9 +4,12 @@
 //! own lowering of PRelu to Mul, Greater and Iff), without the one-pass 2x2 transposed
 //! convolution (tract's matmul and `DeconvSum`), without the 3x3 convolution, and without
 //! any, int8 without the int8 3x3 convolution (tract's `ConvInteger`), and both on 2
-//! threads without the band operators (tract's Add, Concat and reshape). Criterion times
-//! each variant, and then an interleaved loop (one run of each variant per round, so that load from other processes
-//! hits all of them alike) prints each variant's median as a ratio to f32 on 1 thread.
+//! threads without the band operators (tract's Add, Concat, reshape and pooling).
+//! Criterion times each variant alone, and then an interleaved loop (one run of each
+//! variant per round, so that load from other processes hits all of them alike) prints
+//! each variant's median as a ratio to f32 on 1 thread. In that loop every variant's plan
+//! is loaded at once and the threads of a pool sleep while the other variants run, which
+//! penalises the variants on 2 threads.
 //!
 //! Run with `cargo bench --bench backbone`. `DAAIN_BENCH_ROUNDS` sets the rounds of the
 //! interleaved loop (default 20).
@@ -39,7 +42,7 @@ fn backbones(c: &mut Criterion) {
     Preprocessor::new(bundle.manifest().input.clone())
         .run(&frame.data, frame.width, frame.height, &mut input)
         .unwrap();
-    let mut variants: Vec<(String, Backbone)> = [
+    let mut specs: Vec<(String, BackbonePrecision, usize, Rewrites)> = [
         (BackbonePrecision::F32, 1),
         (BackbonePrecision::Int8, 1),
         (BackbonePrecision::F32, 2),
@@ -47,8 +50,8 @@ fn backbones(c: &mut Criterion) {
     ]
     .into_iter()
     .map(|(precision, threads)| {
-        let backbone = load(&bundle, precision, threads, Rewrites::ALL);
-        (format!("{precision}_{threads}_thread"), backbone)
+        let name = format!("{precision}_{threads}_thread");
+        (name, precision, threads, Rewrites::ALL)
     })
     .collect();
     let without = [
@@ -76,8 +79,7 @@ fn backbones(c: &mut Criterion) {
         ("f32_no_rewrites", Rewrites::NONE),
     ];
     for (name, rewrites) in without {
-        let backbone = load(&bundle, BackbonePrecision::F32, 1, rewrites);
-        variants.push((name.to_string(), backbone));
+        specs.push((name.to_string(), BackbonePrecision::F32, 1, rewrites));
     }
     // The int8 model's 3x3 convolutions as tract lowers `ConvInteger` and the operators
     // around it.
@@ -85,26 +87,40 @@ fn backbones(c: &mut Criterion) {
         qconv3x3: false,
         ..Rewrites::ALL
     };
-    let backbone = load(&bundle, BackbonePrecision::Int8, 1, tract_int8);
-    variants.push(("int8_no_qconv3x3_rewrite".to_string(), backbone));
-    // tract's own additions, concatenations and reshapes on two threads, where the band
-    // operators matter most.
+    specs.push((
+        "int8_no_qconv3x3_rewrite".to_string(),
+        BackbonePrecision::Int8,
+        1,
+        tract_int8,
+    ));
+    // tract's own additions, concatenations, reshapes and pooling on two threads, where
+    // the band operators matter most.
     let no_bands = Rewrites {
         bands: false,
         ..Rewrites::ALL
     };
     for precision in [BackbonePrecision::F32, BackbonePrecision::Int8] {
-        let backbone = load(&bundle, precision, 2, no_bands);
-        variants.push((format!("{precision}_2_thread_no_band_ops"), backbone));
+        let name = format!("{precision}_2_thread_no_band_ops");
+        specs.push((name, precision, 2, no_bands));
     }
 
+    // Criterion times each variant with no other backbone loaded, as a process that runs
+    // the detector has one.
     let mut group = c.benchmark_group("backbone");
     group.sample_size(10);
-    for (name, backbone) in &mut variants {
+    for (name, precision, threads, rewrites) in &specs {
+        let mut backbone = load(&bundle, *precision, *threads, *rewrites);
         group.bench_function(name.as_str(), |b| b.iter(|| backbone.run(&input).unwrap()));
     }
     group.finish();
 
+    let mut variants: Vec<(String, Backbone)> = specs
+        .iter()
+        .map(|(name, precision, threads, rewrites)| {
+            let backbone = load(&bundle, *precision, *threads, *rewrites);
+            (name.clone(), backbone)
+        })
+        .collect();
     let rounds: usize = std::env::var("DAAIN_BENCH_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -239,6 +239,20 @@ pub(crate) struct PlanRunner {
     input_shape: [usize; 4],
 }
 
+/// Runs `f` on one of `pool`'s threads and returns its result.
+///
+/// tract's executor scope is not restored when the code inside it panics, and a worker
+/// would then keep its own pool alive through it. The scope around `f` here restores it
+/// once the panic is caught, and the panic goes on to the caller.
+fn install<R: Send>(pool: &rayon::ThreadPool, f: impl FnOnce() -> R + Send) -> R {
+    pool.install(|| {
+        let result = multithread_tract_scope(Executor::SingleThread, || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        });
+        result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 impl PlanRunner {
     pub(crate) fn new(
         (plan, pool): (Arc<TypedRunnableModel>, Option<Arc<rayon::ThreadPool>>),
@@ -311,7 +325,7 @@ impl PlanRunner {
         match pool {
             Some(pool) => {
                 let executor = Executor::MultiThread(pool.clone());
-                pool.install(|| multithread_tract_scope(executor, || f(input)))
+                install(&pool, || multithread_tract_scope(executor, || f(input)))
             }
             None => f(input),
         }
@@ -326,7 +340,7 @@ impl PlanRunner {
             f(state)
         };
         match &self.pool {
-            Some(pool) => pool.install(marked),
+            Some(pool) => install(pool, marked),
             None => marked(),
         }
     }

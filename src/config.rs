@@ -59,7 +59,8 @@ pub struct DetectorConfig {
     /// Backbone model of the bundle to run. `int8` needs a bundle with a
     /// quantised backbone.
     pub backbone: BackbonePrecision,
-    /// Threads for tract's matrix multiplications.
+    /// Threads that run the backbone: tract's pool, on which the plan, its matrix
+    /// multiplications, the rewritten operators and the preprocessing split their work.
     pub threads: usize,
     /// Placement of gather and flow: `out-of-plan` (default) or `in-plan`, which needs a
     /// bundle with `plan.onnx`.

@@ -241,7 +241,9 @@ fn band_operators_change_no_value() {
             let mut banded = load(&bundle, precision, threads, Rewrites::ALL);
             assert!(banded.kernels().operator_count("ConcatPRelu") > 0);
             let actual = outputs(&banded.run(&input).unwrap());
+            assert_eq!(expected.len(), actual.len(), "{precision}: output count");
             for (index, (expected, actual)) in expected.iter().zip(&actual).enumerate() {
+                assert_eq!(expected.len(), actual.len(), "{precision} output {index}");
                 let same = expected
                     .iter()
                     .zip(actual)

@@ -264,7 +264,8 @@ pub struct DetectorOptions {
     pub threshold: Option<f64>,
     /// Backbone model of the bundle to run: f32 or int8.
     pub precision: BackbonePrecision,
-    /// Threads for tract's matrix multiplications (at least 1).
+    /// Threads that run preprocessing and the backbone (at least 1): the size of the
+    /// plan's pool.
     pub threads: usize,
     /// Placement of gather and flow.
     pub execution: ExecutionMode,

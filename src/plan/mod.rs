@@ -190,7 +190,6 @@ impl CombinedPlan {
         }
         model.select_outputs_by_name(&outputs).map_err(load_error)?;
         let mut typed = model.into_optimized().map_err(load_error)?;
-        rewrites.apply_typed(&mut typed).map_err(load_error)?;
 
         let mut shapes = Vec::with_capacity(outputs.len());
         for (ix, name) in outputs.iter().enumerate() {
@@ -215,6 +214,8 @@ impl CombinedPlan {
                 });
             }
         }
+        // After the shapes are read: the rewrites may merge the rows of an output.
+        rewrites.apply_typed(&mut typed).map_err(load_error)?;
         let kernels = KernelSummary::of(&typed);
         let plan = runnable(typed, spec.threads).map_err(load_error)?;
         let runner = PlanRunner::new(plan, input_shape).map_err(load_error)?;

@@ -17,11 +17,10 @@
 //! [`BandAvgPool`] pools the input image for the blocks that read it again.
 //!
 //! Unlike the other rewrites, these replace operators of the optimised tract plan, where
-//! the shapes are known, rather than nodes of the ONNX graph. None of them changes the
-//! order of any floating-point operation, so the plan's values stay the same to the bit;
-//! `tests/rewrites.rs` checks that on the real model.
+//! the shapes are known, rather than nodes of the ONNX graph. They keep every addition in
+//! its place and at most swap its two operands, which changes no rounding, so the plan's
+//! values stay the same to the bit; `tests/rewrites.rs` checks that on the real model.
 
-use anyhow::Context;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{DimLike, EvalContext, EvalOp, Op, StaticName, TypedOp};
 use tract_onnx::tract_core::ops::array::TypedConcat;
@@ -274,6 +273,8 @@ pub struct ConcatPRelu {
     /// Input added to the concatenation before the PRelu.
     residual: Option<usize>,
     prelu: AffinePRelu,
+    /// Height and width of the output; inputs may have their rows merged.
+    size: (usize, usize),
 }
 
 /// Values of one channel that [`ConcatPRelu`] sums, adds and maps before the next.
@@ -288,7 +289,10 @@ fn add(sum: &mut [f32], values: &[f32]) {
 
 impl PartialEq for ConcatPRelu {
     fn eq(&self, other: &Self) -> bool {
-        self.parts == other.parts && self.residual == other.residual && self.prelu == other.prelu
+        self.parts == other.parts
+            && self.residual == other.residual
+            && self.prelu == other.prelu
+            && self.size == other.size
     }
 }
 
@@ -353,14 +357,18 @@ pub fn fuse_concat_prelu(model: &mut TypedModel) -> TractResult<usize> {
         let Some((inputs, parts, residual)) = match_concat(model, node.inputs[0], id) else {
             continue;
         };
+        let Some([channels, height, width]) = nchw(model.outlet_fact(node.inputs[0])?) else {
+            continue;
+        };
+        if prelu.channels() != channels {
+            continue;
+        }
         let op = ConcatPRelu {
             parts,
             residual,
             prelu: prelu.clone(),
+            size: (height, width),
         };
-        if op.prelu.channels() != model.outlet_fact(node.inputs[0])?.shape[1].to_usize()? {
-            continue;
-        }
         TypedModelPatch::replace_single_op(model, node, &inputs, op)?.apply(model)?;
         count += 1;
     }
@@ -650,12 +658,7 @@ impl EvalOp for ConcatPRelu {
     tract_onnx::tract_core::op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        // The size of the first NCHW input; the others may have their rows merged.
-        let [_, height, width] = inputs
-            .iter()
-            .find(|input| input.rank() == 4)
-            .map(|input| nchw_shape("ConcatPRelu", input))
-            .context("ConcatPRelu has no [1, C, H, W] input")??;
+        let (height, width) = self.size;
         let shapes = inputs
             .iter()
             .map(|input| {
@@ -706,13 +709,9 @@ impl EvalOp for ConcatPRelu {
 
 impl TypedOp for ConcatPRelu {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let first = inputs
-            .iter()
-            .find(|fact| fact.rank() == 4)
-            .context("ConcatPRelu has no [1, C, H, W] input")?;
-        let mut shape: TVec<TDim> = first.shape.iter().cloned().collect();
-        shape[1] = self.prelu.channels().into();
-        Ok(tvec!(inputs[0].datum_type.fact(shape)))
+        let (height, width) = self.size;
+        let dims = [1, self.prelu.channels(), height, width];
+        Ok(tvec!(inputs[0].datum_type.fact(dims)))
     }
 
     tract_onnx::tract_core::as_op!();

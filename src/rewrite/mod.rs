@@ -1,7 +1,7 @@
 //! Graph rewrites that replace patterns tract 0.23 runs in several passes over memory by
 //! one operator of this crate each. They apply to the ONNX model in memory when a
-//! backbone or combined plan loads. The files on disk stay standard ONNX, and each rewritten node
-//! keeps its output name, so taps and graph outputs are unchanged.
+//! backbone or combined plan loads. The files on disk stay standard ONNX, and each
+//! rewritten node keeps its output name, so taps and graph outputs keep their values.
 //!
 //! | rewrite | replaces | share of a frame before |
 //! |---|---|---|
@@ -25,8 +25,12 @@ pub mod conv3x3;
 pub mod deconv;
 pub mod prelu;
 pub mod qconv3x3;
+mod split;
 
-/// Choice of the graph rewrites applied to an ONNX model before tract types it.
+pub(crate) use split::for_each_band;
+
+/// Choice of the graph rewrites applied to an ONNX model before tract types it, and of
+/// those applied to the optimised plan after (see [`Rewrites::apply_typed`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rewrites {
     /// Each PRelu, with the BatchNorm before it, as one pass ([`prelu`]).
@@ -120,6 +124,8 @@ impl Rewrites {
 
 impl Rewrites {
     /// Applies the chosen rewrites of the optimised plan, after those of the ONNX graph.
+    /// An output of the plan may then have the rows of its last two axes merged (same
+    /// values, same order), so read the output shapes before calling it.
     pub fn apply_typed(&self, model: &mut TypedModel) -> TractResult<()> {
         if self.bands {
             let (adds, concats) = bands::replace_band_ops(model)?;
@@ -200,133 +206,6 @@ impl Simd {
             Simd::Neon => "neon",
             Simd::Portable => "portable",
         }
-    }
-}
-
-/// Returns the number of threads of tract's pool for the running plan (1 without one).
-fn pool_threads() -> usize {
-    use tract_linalg::multithread::{current_tract_executor, Executor};
-
-    match current_tract_executor() {
-        Executor::MultiThread(pool) => pool.current_num_threads().max(1),
-        Executor::RayonGlobal => rayon::current_num_threads().max(1),
-        _ => 1,
-    }
-}
-
-/// Rows `rows` of every plane of a tensor laid out `[planes][height][row_len]`, for one
-/// thread to write. [`for_each_band`] gives each thread a band of rows of its own.
-pub(crate) struct Band<'a, T> {
-    base: *mut T,
-    planes: usize,
-    height: usize,
-    row_len: usize,
-    rows: std::ops::Range<usize>,
-    data: std::marker::PhantomData<&'a mut [T]>,
-}
-
-// SAFETY: a band only reaches its own rows, which no other band reaches, and `T: Send`.
-unsafe impl<T: Send> Send for Band<'_, T> {}
-
-impl<T> Band<'_, T> {
-    /// Returns the band's rows.
-    pub(crate) fn rows(&self) -> std::ops::Range<usize> {
-        self.rows.clone()
-    }
-
-    /// Returns the band's rows of plane `plane`, which are consecutive in memory.
-    ///
-    /// # Panics
-    /// If `plane` is past the last plane.
-    pub(crate) fn plane(&mut self, plane: usize) -> &mut [T] {
-        assert!(plane < self.planes, "plane {plane} of {}", self.planes);
-        let start = (plane * self.height + self.rows.start) * self.row_len;
-        let len = self.rows.len() * self.row_len;
-        // SAFETY: as in `planes_row`, for the rows of one plane.
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(start), len) }
-    }
-
-    /// Returns row `y` of the planes `first..first + N`; planes past the last are empty.
-    ///
-    /// # Panics
-    /// If `y` is not one of the band's rows.
-    pub(crate) fn planes_row<const N: usize>(&mut self, first: usize, y: usize) -> [&mut [T]; N] {
-        assert!(
-            self.rows.contains(&y),
-            "row {y} outside the band {:?}",
-            self.rows
-        );
-        std::array::from_fn(|j| {
-            let plane = first + j;
-            if plane >= self.planes {
-                return Default::default();
-            }
-            let start = (plane * self.height + y) * self.row_len;
-            // SAFETY: `for_each_band` checked that `base` holds `planes * height * row_len`
-            // values, so the row is in bounds; the N planes are distinct, so the rows are
-            // disjoint; no other band has row y, and the returned rows borrow the band
-            // mutably, so nothing else reaches them while they live.
-            unsafe { std::slice::from_raw_parts_mut(self.base.add(start), self.row_len) }
-        })
-    }
-}
-
-/// Raw base pointer shared by the bands of one call.
-struct Base<T>(*mut T);
-
-impl<T> Base<T> {
-    /// Returns the pointer. A method, so that closures capture the whole `Base`, which is
-    /// `Sync`, rather than its pointer field, which is not.
-    fn get(&self) -> *mut T {
-        self.0
-    }
-}
-
-// SAFETY: the bands made from it reach disjoint rows, see `Band`.
-unsafe impl<T: Send> Sync for Base<T> {}
-
-/// Splits the rows of `data`, laid out `[planes][height][row_len]`, into one band of
-/// consecutive rows per thread of tract's pool, or one band when the plan has one thread,
-/// and calls `f` with each band, in parallel. Splitting rows rather than planes keeps the
-/// threads even when there are few planes or blocks of planes.
-pub(crate) fn for_each_band<T: Send>(
-    data: &mut [T],
-    planes: usize,
-    height: usize,
-    row_len: usize,
-    f: impl Fn(Band<T>) + Sync + Send,
-) {
-    use rayon::prelude::*;
-    use tract_linalg::multithread::{current_tract_executor, Executor};
-
-    assert_eq!(
-        data.len(),
-        planes * height * row_len,
-        "banded tensor length"
-    );
-    let bands = pool_threads().min(height).max(1);
-    let per_band = height.div_ceil(bands);
-    let base = Base(data.as_mut_ptr());
-    let band = |index: usize| Band {
-        base: base.get(),
-        planes,
-        height,
-        row_len,
-        rows: (index * per_band).min(height)..((index + 1) * per_band).min(height),
-        data: std::marker::PhantomData,
-    };
-    if bands == 1 {
-        return f(band(0));
-    }
-    // Band i always goes to the pool's thread i, so that an operator finds the rows that
-    // the one before it wrote in its own core's cache. With work stealing the bands
-    // landed on either thread, and on this 2-core machine reading the other core's rows
-    // made the operators on two threads slower than on one.
-    match current_tract_executor() {
-        Executor::MultiThread(pool) => {
-            pool.install(|| (0..bands).into_par_iter().for_each(|index| f(band(index))))
-        }
-        _ => (0..bands).into_par_iter().for_each(|index| f(band(index))),
     }
 }
 
