@@ -95,9 +95,9 @@ pub struct BackboneSpec {
     pub logits: String,
     /// Names of the tapped tensors, in the order the mask's sampling space stacks them.
     pub taps: Vec<String>,
-    /// Threads tract's matrix multiplications run on; 1 runs everything on the calling
-    /// thread. Other operators (element-wise ops, direct convolutions) stay on the
-    /// calling thread whatever the count.
+    /// Threads of the pool that runs the plan; 1 runs everything on the calling thread.
+    /// tract splits its matrix multiplications among them and the runtime's operators
+    /// their rows, while tract's other operators run on the thread that runs the plan.
     pub threads: usize,
 }
 
@@ -153,7 +153,7 @@ pub struct KernelSummary {
 /// operators split their work over. [`PlanRunner`] runs the whole plan on that pool, so
 /// `threads` threads work in all. Had the plan run on the calling thread, as tract does by
 /// default, that thread would compete for the cores with the pool's workers, which keep
-/// spinning for a while after each parallel operator; on two cores, two threads were
+/// spinning for a while after each parallel operator. On two cores, two threads were then
 /// slower than one.
 pub(crate) fn runnable(
     typed: TypedModel,

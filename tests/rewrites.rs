@@ -122,8 +122,8 @@ fn compare(precision: BackbonePrecision, threads: usize) {
         "{:?}",
         rewritten.kernels()
     );
-    // ESPNet's 20 PRelus: 17 close an ESP block or a concatenation and run with the
-    // additions and the concatenation before them as one operator; the other 3 alone.
+    // ESPNet has 20 PRelus. 17 close an ESP block or a concatenation and run with the
+    // additions and the concatenation before them as one operator, the other 3 alone.
     assert_eq!(
         operators(&rewritten, "AffinePRelu"),
         3,

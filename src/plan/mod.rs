@@ -74,7 +74,7 @@ pub struct PlanSpec {
     pub logits: String,
     /// Flow dimension the bundle's manifest states.
     pub dim: usize,
-    /// Threads tract's matrix multiplications run on, as for the backbone alone.
+    /// Threads of the pool that runs the plan, as for the backbone alone.
     pub threads: usize,
     /// SHA-256 of the bundle's mask and flow files. The plan carries its own copy of the
     /// mask points and flow weights, so it must record the same hashes.

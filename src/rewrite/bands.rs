@@ -56,7 +56,7 @@ fn nchw(fact: &TypedFact) -> Option<[usize; 3]> {
 /// matrix multiplication reads for a 1x1 convolution. Like tract's `IntoShape` it only
 /// relabels the tensor when the plan holds the only reference to it. When another node
 /// still reads it, as the residual input of the next block does, tract copied it on the
-/// plan's thread; this copies it in bands of rows, as its producer wrote it.
+/// plan's thread. This operator copies it in bands of rows, as its producer wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BandReshape {
     dims: TVec<usize>,
@@ -273,7 +273,7 @@ pub struct ConcatPRelu {
     /// Input added to the concatenation before the PRelu.
     residual: Option<usize>,
     prelu: AffinePRelu,
-    /// Height and width of the output; inputs may have their rows merged.
+    /// Height and width of the output, which inputs with merged rows do not show.
     size: (usize, usize),
 }
 
@@ -323,15 +323,16 @@ impl ConcatPRelu {
                     let residual = self.residual.map(|r| part_of(r, first + c));
                     // Every pass over a chunk of this size stays in the first-level cache.
                     // Summing the parts that extend the part before with one running sum
-                    // read less but was slower: it interleaves the stores to four planes.
+                    // read less but was slower, because it interleaved the stores to four
+                    // planes.
                     for (index, chunk) in target.chunks_mut(CHUNK).enumerate() {
                         let at = index * CHUNK..index * CHUNK + chunk.len();
                         chunk.copy_from_slice(&part_of(part[0], c)[at.clone()]);
                         for &term in &part[1..] {
                             add(chunk, &part_of(term, c)[at.clone()]);
                         }
-                        // tract added the concatenation to the residual; addition
-                        // commutes exactly, so the order of the operands does not matter.
+                        // tract added the concatenation to the residual. Addition commutes
+                        // exactly, so the order of the operands does not matter.
                         if let Some(residual) = residual {
                             add(chunk, &residual[at.clone()]);
                         }
@@ -381,8 +382,8 @@ pub fn fuse_concat_prelu(model: &mut TypedModel) -> TractResult<usize> {
 /// output of the tensor an output of the reshape. The reshape is then the tensor's only
 /// reader and relabels it in place instead of copying it. In ESPNet that is the output of
 /// each ESP block, read by the next block's 1x1 convolution (through the reshape), as its
-/// residual, and tapped. The tapped values and their order in memory stay the same; only
-/// the shape of such a plan output becomes `[1, C, H * W]`, so callers must read the
+/// residual, and tapped. The tapped values and their order in memory stay the same, but
+/// such a plan output gets the shape `[1, C, H * W]`. Callers must therefore read the
 /// output shapes before this rewrite. Returns the number of inputs and outputs moved.
 pub fn share_reshaped_inputs(model: &mut TypedModel) -> TractResult<usize> {
     let mut moved = 0;
@@ -515,7 +516,7 @@ fn nchw_shape(op_name: &str, tensor: &Tensor) -> TractResult<[usize; 3]> {
 }
 
 impl BandAdd {
-    /// Writes `a + b` into `output`, all three `channels x height x width`; `a` is `None`
+    /// Writes `a + b` into `output`, all three `channels x height x width`. `a` is `None`
     /// when it is `output` itself.
     pub fn run(
         output: &mut [f32],
@@ -606,8 +607,8 @@ impl EvalOp for BandAdd {
             b.shape()
         );
         let shape = [1, channels, height, width];
-        // In place when the plan holds the only reference to one of the inputs (addition
-        // commutes), else into a new tensor; either way one pass over the values.
+        // In place when the plan holds the only reference to one of the inputs, because
+        // addition commutes, and into a new tensor otherwise. Either way it is one pass.
         let (a, b) = (a.into_arc_tensor(), b.into_arc_tensor());
         let (mut output, a, b) = match Arc::try_unwrap(a) {
             Ok(a) => (a, None, b),
@@ -822,7 +823,10 @@ impl EvalOp for BandAvgPool {
 impl TypedOp for BandAvgPool {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let shape = &inputs[0].shape;
-        anyhow::ensure!(shape.rank() == 4, "BandAvgPool input has shape {shape:?}");
+        anyhow::ensure!(
+            shape.rank() == 4,
+            "BandAvgPool input has shape {shape:?}, expected [1, C, H, W]"
+        );
         let (height, width) = (shape[2].to_usize()?, shape[3].to_usize()?);
         let dims = [
             shape[0].to_usize()?,

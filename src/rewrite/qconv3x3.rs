@@ -311,7 +311,7 @@ impl QConv3x3 {
 
     /// Writes row `y` of the input channels of group `g`, as unsigned bytes, into `row`, a
     /// padded scratch row whose columns `d..d + width` are the image (the padding already
-    /// holds the zero point).
+    /// contains the zero point).
     #[allow(clippy::too_many_arguments)]
     fn fill_row(
         &self,

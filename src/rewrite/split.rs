@@ -2,8 +2,8 @@
 //!
 //! Every operator of this crate that runs on several threads splits its output the same
 //! way, in bands of consecutive rows across all planes, so that consecutive operators
-//! touch the same rows on the same thread. [`Band`] holds the only `unsafe` code for it:
-//! its fields are private to this module, so a band can only come from
+//! touch the same rows on the same thread. [`Band`] contains the only `unsafe` code for
+//! it. Its fields are private to this module, so a band can only come from
 //! [`for_each_band`], which makes the bands of one call disjoint.
 
 use tract_onnx::tract_core::tract_linalg;
