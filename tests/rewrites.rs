@@ -86,70 +86,35 @@ fn compare(precision: BackbonePrecision, threads: usize) {
     let mut rewritten = load(&bundle, precision, threads, Rewrites::ALL);
     let mut plain = load(&bundle, precision, threads, Rewrites::NONE);
     let operators = |backbone: &Backbone, name: &str| backbone.kernels().operator_count(name);
-    assert_eq!(
-        operators(&rewritten, "Deconv2x2"),
-        3,
-        "{:?}",
-        rewritten.kernels()
-    );
-    assert_eq!(
-        operators(&rewritten, "DeconvSum"),
-        0,
-        "{:?}",
-        rewritten.kernels()
-    );
-    // ESPNet's 3x3 convolutions: five per ESP pyramid (13 of them), the one before the
-    // classifier and three of stride 2. The int8 model quantises those of stride 1.
-    let conv3x3 = match precision {
-        BackbonePrecision::F32 => 69,
-        BackbonePrecision::Int8 => 3,
-    };
-    assert_eq!(
-        operators(&rewritten, "Conv3x3"),
-        conv3x3,
-        "{:?}",
-        rewritten.kernels()
-    );
-    // The int8 model runs each of them as `QuantizeLinear -> ConvInteger -> Cast -> Mul
-    // -> Add`, rewritten to one operator.
-    let qconv3x3 = match precision {
-        BackbonePrecision::F32 => 0,
-        BackbonePrecision::Int8 => 66,
-    };
-    assert_eq!(
-        operators(&rewritten, "QConv3x3"),
-        qconv3x3,
-        "{:?}",
-        rewritten.kernels()
-    );
-    // ESPNet has 20 PRelus. 17 close an ESP block or a concatenation and run with the
-    // additions and the concatenation before them as one operator, the other 3 alone.
-    assert_eq!(
-        operators(&rewritten, "AffinePRelu"),
-        3,
-        "{:?}",
-        rewritten.kernels()
-    );
-    assert_eq!(
-        operators(&rewritten, "ConcatPRelu"),
-        17,
-        "{:?}",
-        rewritten.kernels()
-    );
-    // Every addition is part of a fused block, and the last concatenation feeds a
-    // convolution: it splits rows among the threads as the other operators do.
-    assert_eq!(
-        operators(&rewritten, "BandAdd"),
-        0,
-        "{:?}",
-        rewritten.kernels()
-    );
-    assert_eq!(
-        operators(&rewritten, "BandConcat"),
-        1,
-        "{:?}",
-        rewritten.kernels()
-    );
+    let int8 = precision == BackbonePrecision::Int8;
+    // Operator counts of the rewritten plan:
+    // - ESPNet's 3x3 convolutions: five per ESP pyramid (13 of them), the one before the
+    //   classifier and three of stride 2. The int8 model quantises those of stride 1 and
+    //   runs each as `QuantizeLinear -> ConvInteger -> Cast -> Mul -> Add`, rewritten to
+    //   one `QConv3x3`.
+    // - ESPNet has 20 PRelus. 17 close an ESP block or a concatenation and run with the
+    //   additions and the concatenation before them as one `ConcatPRelu`, the other 3
+    //   alone.
+    // - Every addition is part of a fused block, and the last concatenation feeds a
+    //   convolution, so it runs as a `BandConcat`.
+    let expected_counts = [
+        ("Deconv2x2", 3),
+        ("DeconvSum", 0),
+        ("Conv3x3", if int8 { 3 } else { 69 }),
+        ("QConv3x3", if int8 { 66 } else { 0 }),
+        ("AffinePRelu", 3),
+        ("ConcatPRelu", 17),
+        ("BandAdd", 0),
+        ("BandConcat", 1),
+    ];
+    for (name, count) in expected_counts {
+        assert_eq!(
+            operators(&rewritten, name),
+            count,
+            "{precision} {name}: {:?}",
+            rewritten.kernels()
+        );
+    }
     assert_eq!(operators(&plain, "BandAdd"), 0);
     assert_eq!(operators(&plain, "BandConcat"), 0);
     assert_eq!(operators(&plain, "ConcatPRelu"), 0);

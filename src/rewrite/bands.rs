@@ -1,11 +1,11 @@
-//! Element-wise addition and channel concatenation that split rows among tract's threads
-//! as the convolutions do, replacing tract's own operators in an optimised plan.
+//! Additions, concatenations, reshapes and average pooling that split rows among tract's
+//! threads as the convolutions do, replacing tract's own operators in an optimised plan.
 //!
 //! ESPNet adds and concatenates the branches of every ESP block. tract 0.23 runs each
 //! `Concat` on the plan's thread, and its `Add` splits the flat tensor in its own way. On
 //! two threads, each convolution leaves half of the rows of every channel in the cache of
-//! the core that computed them, so an operator that reads the whole tensor on one thread
-//! fetches half of it from the other core. Measured on the 2-core development machine,
+//! the core that computed them. An operator that reads the whole tensor on one thread
+//! then fetches half of it from the other core. Measured on the 2-core development machine,
 //! such a read runs at about 40% of the speed of a read from the core's own cache, and the
 //! additions and concatenations took twice as long on two threads as on one.
 //! [`BandAdd`] and [`BandConcat`] read and write the same bands of rows that
@@ -18,8 +18,9 @@
 //!
 //! Unlike the other rewrites, these replace operators of the optimised tract plan, where
 //! the shapes are known, rather than nodes of the ONNX graph. They keep every addition in
-//! its place and at most swap its two operands, which changes no rounding, so the plan's
-//! values stay the same to the bit; `tests/rewrites.rs` checks that on the real model.
+//! its place and at most swap its two operands, which changes no rounding. The plan's
+//! values therefore stay the same to the bit, which `tests/rewrites.rs` checks on the
+//! real model.
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::{DimLike, EvalContext, EvalOp, Op, StaticName, TypedOp};
@@ -106,6 +107,7 @@ impl BandAvgPool {
             channels * out_height * out_width,
             "avgpool output length"
         );
+
         // The input rows or columns of output index `o` along an axis of `size` values.
         let taps = |o: usize, size: usize| {
             let start = (o * self.stride) as isize - self.pad as isize;
@@ -113,6 +115,7 @@ impl BandAvgPool {
             let end = (start + self.kernel as isize).clamp(0, size as isize) as usize;
             first..end.max(first)
         };
+
         let divisor = |taps: usize| {
             let count = if self.count_include_pad {
                 self.kernel * self.kernel
@@ -121,6 +124,7 @@ impl BandAvgPool {
             };
             (count as f32).recip()
         };
+
         // The value a float sum in std starts from, which tract's sums start from too.
         let zero = std::iter::empty::<f32>().sum::<f32>();
         // Output columns whose window lies inside the image, computed LANES at a time.
@@ -130,6 +134,7 @@ impl BandAvgPool {
             _ => 0,
         };
         let inside = first_inside..last_inside.min(out_width).max(first_inside);
+
         super::for_each_band(output, channels, out_height, out_width, |mut band| {
             for c in 0..channels {
                 let plane = &input[c * height * width..][..height * width];
@@ -148,6 +153,7 @@ impl BandAvgPool {
                             .sum();
                         *value = sum * divisor(rows.len() * columns.len());
                     }
+
                     // The same sums, in the same order, for LANES columns side by side.
                     let scale = divisor(rows.len() * self.kernel);
                     let mut x = inside.start;
@@ -206,11 +212,11 @@ impl BandAvgPool {
     }
 }
 
-/// Replaces each f32 `Add` of two tensors of the same NCHW shape by [`BandAdd`], each
-/// channel `Concat` of f32 NCHW tensors of the same size by [`BandConcat`], each reshape
-/// of an f32 NCHW tensor by [`BandReshape`] and each average pooling that
-/// [`BandAvgPool`] computes alike in an optimised plan. Returns the number of additions
-/// and concatenations replaced.
+/// Replaces tract's operators on f32 NCHW tensors in an optimised plan by the band
+/// operators: each `Add` of two tensors of the same shape by [`BandAdd`], each channel
+/// `Concat` of tensors of the same size by [`BandConcat`], and each reshape by
+/// [`BandReshape`]. Each average pooling that [`BandAvgPool`] computes alike is replaced
+/// too. Returns the number of additions and concatenations replaced.
 pub fn replace_band_ops(model: &mut TypedModel) -> TractResult<(usize, usize)> {
     let (mut adds, mut concats) = (0, 0);
     for id in 0..model.nodes().len() {
@@ -438,33 +444,36 @@ fn match_concat(model: &TypedModel, value: OutletId, reader: usize) -> Option<Ma
         let successors = &model.node(outlet.node).outputs[outlet.slot].successors;
         successors.len() == 1 && successors[0].node == node && !model.outputs.contains(&outlet)
     };
-    let is = |outlet: OutletId, name: &str| model.node(outlet.node).op().name() == name;
-    let (concat, residual) = if is(value, "BandAdd") && only_for(value, reader) {
+    let is_add = |outlet: OutletId| model.node(outlet.node).op_as::<BandAdd>().is_some();
+    let is_concat = |outlet: OutletId| model.node(outlet.node).op_as::<BandConcat>().is_some();
+
+    let (concat, residual) = if is_add(value) && only_for(value, reader) {
         let add = model.node(value.node);
         let (a, b) = (add.inputs[0], add.inputs[1]);
-        if is(a, "BandConcat") && only_for(a, add.id) {
+        if is_concat(a) && only_for(a, add.id) {
             (a, Some(b))
-        } else if is(b, "BandConcat") && only_for(b, add.id) {
+        } else if is_concat(b) && only_for(b, add.id) {
             (b, Some(a))
         } else {
             return None;
         }
-    } else if is(value, "BandConcat") && only_for(value, reader) {
+    } else if is_concat(value) && only_for(value, reader) {
         (value, None)
     } else {
         return None;
     };
+
     // Each part as the terms of a left-to-right sum, taking in the additions whose every
     // reader is taken in too.
     let mut absorbed = std::collections::HashSet::new();
     let mut terms_of = |outlet: OutletId| {
         let mut terms = Vec::new();
         let mut current = outlet;
-        while is(current, "BandAdd") && !model.outputs.contains(&current) {
+        while is_add(current) && !model.outputs.contains(&current) {
             let add = model.node(current.node);
             let (a, b) = (add.inputs[0], add.inputs[1]);
             // Addition commutes, so the chain may continue through either operand.
-            let (left, right) = if is(b, "BandAdd") && !is(a, "BandAdd") {
+            let (left, right) = if is_add(b) && !is_add(a) {
                 (b, a)
             } else {
                 (a, b)
@@ -477,6 +486,7 @@ fn match_concat(model: &TypedModel, value: OutletId, reader: usize) -> Option<Ma
         terms.reverse();
         terms
     };
+
     let concat_node = model.node(concat.node);
     let part_terms: Vec<Vec<OutletId>> = concat_node.inputs.iter().map(|&o| terms_of(o)).collect();
     let contained = absorbed.iter().all(|&add| {
@@ -488,6 +498,7 @@ fn match_concat(model: &TypedModel, value: OutletId, reader: usize) -> Option<Ma
     if !contained {
         return None;
     }
+
     let mut inputs: Vec<OutletId> = Vec::new();
     let mut index = |outlet: OutletId| match inputs.iter().position(|&o| o == outlet) {
         Some(ix) => ix,
@@ -606,6 +617,7 @@ impl EvalOp for BandAdd {
             a.shape(),
             b.shape()
         );
+
         let shape = [1, channels, height, width];
         // In place when the plan holds the only reference to one of the inputs, because
         // addition commutes, and into a new tensor otherwise. Either way it is one pass.
@@ -615,12 +627,13 @@ impl EvalOp for BandAdd {
             Err(a) => match Arc::try_unwrap(b) {
                 Ok(b) => (b, None, a),
                 Err(b) => {
-                    // SAFETY: `run` writes every value of the output.
+                    // SAFETY: `run` below writes every value of the output.
                     let output = unsafe { Tensor::uninitialized::<f32>(&shape)? };
                     (output, Some(a), b)
                 }
             },
         };
+
         {
             let mut target = output.try_as_plain_ram_mut()?;
             let a_view = a.as_ref().map(|a| a.try_as_plain_ram()).transpose()?;
@@ -676,6 +689,7 @@ impl EvalOp for ConcatPRelu {
             shapes.iter().all(|s| s[1..] == [height, width]),
             "ConcatPRelu inputs have shapes {shapes:?}, expected one size"
         );
+
         let channels = self.prelu.channels();
         for part in &self.parts {
             let c = shapes[part[0]][0];
@@ -689,6 +703,7 @@ impl EvalOp for ConcatPRelu {
             total == channels && self.residual.is_none_or(|r| shapes[r][0] == channels),
             "ConcatPRelu inputs have shapes {shapes:?}, expected {channels} channels"
         );
+
         let views = inputs
             .iter()
             .map(|input| input.try_as_plain_ram())
@@ -699,11 +714,12 @@ impl EvalOp for ConcatPRelu {
             .map(|(view, shape)| Ok((view.as_slice::<f32>()?, shape[0])))
             .collect::<TractResult<TVec<_>>>()?;
         // SAFETY: `run` writes every value of the output, one channel of a part each.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&[1, channels, height, width])? };
-        {
-            let mut target = output.try_as_plain_ram_mut()?;
-            self.run(&slices, height, width, target.as_slice_mut::<f32>()?);
-        }
+        let output = unsafe {
+            super::new_f32_tensor(&[1, channels, height, width], |target| {
+                self.run(&slices, height, width, target);
+                Ok(())
+            })?
+        };
         Ok(tvec!(output.into_tvalue()))
     }
 }
@@ -746,19 +762,15 @@ impl EvalOp for BandReshape {
         let output = match Arc::try_unwrap(input) {
             Ok(tensor) => tensor.into_shape(&self.dims)?,
             Err(shared) => {
+                let source = shared.try_as_plain_ram()?;
+                let source = [(source.as_slice::<f32>()?, channels)];
                 // SAFETY: `run` writes every value of the output.
-                let mut output = unsafe { Tensor::uninitialized::<f32>(&self.dims)? };
-                {
-                    let mut target = output.try_as_plain_ram_mut()?;
-                    let source = shared.try_as_plain_ram()?;
-                    BandConcat::run(
-                        &[(source.as_slice::<f32>()?, channels)],
-                        height,
-                        width,
-                        target.as_slice_mut::<f32>()?,
-                    );
+                unsafe {
+                    super::new_f32_tensor(&self.dims, |target| {
+                        BandConcat::run(&source, height, width, target);
+                        Ok(())
+                    })?
                 }
-                output
             }
         };
         Ok(tvec!(output.into_tvalue()))
@@ -803,19 +815,15 @@ impl EvalOp for BandAvgPool {
             self.output_size(height),
             self.output_size(width),
         ];
+        let source = inputs[0].try_as_plain_ram()?;
+        let source = source.as_slice::<f32>()?;
         // SAFETY: `run` writes every value of the output.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&shape)? };
-        {
-            let source = inputs[0].try_as_plain_ram()?;
-            let mut target = output.try_as_plain_ram_mut()?;
-            self.run(
-                source.as_slice::<f32>()?,
-                channels,
-                height,
-                width,
-                target.as_slice_mut::<f32>()?,
-            );
-        }
+        let output = unsafe {
+            super::new_f32_tensor(&shape, |target| {
+                self.run(source, channels, height, width, target);
+                Ok(())
+            })?
+        };
         Ok(tvec!(output.into_tvalue()))
     }
 }
@@ -873,11 +881,12 @@ impl EvalOp for BandConcat {
             .map(|(view, input)| Ok((view.as_slice::<f32>()?, input.shape()[1])))
             .collect::<TractResult<TVec<_>>>()?;
         // SAFETY: `run` writes every value of the output, one input channel each.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&[1, channels, height, width])? };
-        {
-            let mut target = output.try_as_plain_ram_mut()?;
-            BandConcat::run(&slices, height, width, target.as_slice_mut::<f32>()?);
-        }
+        let output = unsafe {
+            super::new_f32_tensor(&[1, channels, height, width], |target| {
+                BandConcat::run(&slices, height, width, target);
+                Ok(())
+            })?
+        };
         Ok(tvec!(output.into_tvalue()))
     }
 }

@@ -288,20 +288,35 @@ pub(crate) fn eval_nchw(
         "{op_name} input has shape {shape:?}, expected [1, {channels}, H, W] with H, W > 0"
     );
     let (height, width) = (shape[2], shape[3]);
-    // SAFETY: `compute` writes every value of the output before it is read.
-    let mut output =
-        unsafe { Tensor::uninitialized::<f32>(&[1, outputs, size(height), size(width)])? };
-    {
-        let source = input.try_as_plain_ram()?;
-        let mut target = output.try_as_plain_ram_mut()?;
-        compute(
-            source.as_slice::<f32>()?,
-            height,
-            width,
-            target.as_slice_mut::<f32>()?,
-        );
-    }
+    let source = input.try_as_plain_ram()?;
+    let source = source.as_slice::<f32>()?;
+    let dims = [1, outputs, size(height), size(width)];
+    // SAFETY: `compute` writes every value of the output.
+    let output = unsafe {
+        new_f32_tensor(&dims, |target| {
+            compute(source, height, width, target);
+            Ok(())
+        })?
+    };
     Ok(tvec!(output.into_tvalue()))
+}
+
+/// Returns a new f32 tensor of shape `dims` whose values `fill` writes.
+///
+/// # Safety
+/// `fill` must write every value of the slice it gets, because the tensor starts
+/// uninitialised.
+pub(crate) unsafe fn new_f32_tensor(
+    dims: &[usize],
+    fill: impl FnOnce(&mut [f32]) -> TractResult<()>,
+) -> TractResult<Tensor> {
+    // SAFETY: the caller's `fill` writes every value before anything reads it.
+    let mut tensor = unsafe { Tensor::uninitialized::<f32>(dims)? };
+    {
+        let mut target = tensor.try_as_plain_ram_mut()?;
+        fill(target.as_slice_mut::<f32>()?)?;
+    }
+    Ok(tensor)
 }
 
 /// Returns the output facts of an operator that maps `[1, channels, H, W]` to

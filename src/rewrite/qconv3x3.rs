@@ -838,19 +838,19 @@ impl EvalOp for QConv3x3 {
             self.inputs
         );
         let (height, width) = (shape[2], shape[3]);
-        // SAFETY: `run` writes every value of the output before it is read.
-        let mut output =
-            unsafe { Tensor::uninitialized::<f32>(&[1, self.outputs, height, width])? };
-        {
-            let source = input.try_as_plain_ram()?;
-            let mut target = output.try_as_plain_ram_mut()?;
-            let values = if self.quantizes_input() {
-                Input::F32(source.as_slice::<f32>()?)
-            } else {
-                Input::I8(source.as_slice::<i8>()?)
-            };
-            self.run(values, height, width, target.as_slice_mut::<f32>()?);
-        }
+        let source = input.try_as_plain_ram()?;
+        let values = if self.quantizes_input() {
+            Input::F32(source.as_slice::<f32>()?)
+        } else {
+            Input::I8(source.as_slice::<i8>()?)
+        };
+        // SAFETY: `run` writes every value of the output.
+        let output = unsafe {
+            super::new_f32_tensor(&[1, self.outputs, height, width], |target| {
+                self.run(values, height, width, target);
+                Ok(())
+            })?
+        };
         Ok(tvec!(output.into_tvalue()))
     }
 }

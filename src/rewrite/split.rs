@@ -67,9 +67,9 @@ impl<T> Band<'_, T> {
                 return Default::default();
             }
             let start = (plane * self.height + y) * self.row_len;
-            // SAFETY: `for_each_band` checked that `base` holds `planes * height * row_len`
-            // values, so the row is in bounds; the N planes are distinct, so the rows are
-            // disjoint; no other band has row y, and the returned rows borrow the band
+            // SAFETY: `for_each_band` checked that `base` has `planes * height * row_len`
+            // values, so the row is in bounds. The N planes are distinct, so their rows
+            // are disjoint. No other band has row y, and the returned rows borrow the band
             // mutably, so nothing else reaches them while they live.
             unsafe { std::slice::from_raw_parts_mut(self.base.add(start), self.row_len) }
         })
@@ -123,14 +123,13 @@ pub(crate) fn for_each_band<T: Send>(
         return f(band(0));
     }
     // The thread that runs the plan takes the first band and the pool's other threads
-    // steal the rest, so within a frame each band of every operator tends to stay on one
-    // core, which then finds in its own cache the rows that the operator before wrote.
+    // steal the rest. Within a frame each band of every operator therefore tends to stay
+    // on one core, which finds in its own cache the rows that the operator before wrote.
     // Reading half of a tensor from the other core's cache made the operators on two
     // threads slower than on one.
+    let run = || (0..bands).into_par_iter().for_each(|index| f(band(index)));
     match current_tract_executor() {
-        Executor::MultiThread(pool) => {
-            pool.install(|| (0..bands).into_par_iter().for_each(|index| f(band(index))))
-        }
-        _ => (0..bands).into_par_iter().for_each(|index| f(band(index))),
+        Executor::MultiThread(pool) => pool.install(run),
+        _ => run(),
     }
 }
